@@ -1,0 +1,263 @@
+//! The configuration file (`dccsign.toml`). Relative paths are resolved against the directory
+//! that holds the file. `dev-init` writes one under the state directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dcc::CertType;
+use crate::hsm::{PinSource, TokenSettings, SOFTHSM_MODULE};
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who we are when issuing.
+    pub issuer: IssuerConfig,
+    /// The PKCS#11 token.
+    pub hsm: HsmConfig,
+    /// The ledger database.
+    pub ledger: LedgerConfig,
+    /// Payload rules with tunable limits.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// Certificate lifetimes.
+    #[serde(default)]
+    pub validity: ValidityConfig,
+    /// The document signers: one per certificate type (a DSC may serve several types).
+    #[serde(default, rename = "dsc")]
+    pub dscs: Vec<DscConfig>,
+    /// Directory relative paths are resolved against (the config file's directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// Issuer identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// ISO 3166-1 alpha-2 issuing country; the CWT `iss` claim and the UVCI country.
+    pub country: String,
+    /// Issuing-entity part of generated UVCIs (`URN:UVCI:01:SE:<prefix>/…`): A-Z, 0-9.
+    pub uvci_prefix: String,
+}
+
+/// The PKCS#11 token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// Path of the PKCS#11 module.
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    /// Token label.
+    pub token: String,
+    /// Source of the user PIN: `{ file = "…" }` or `{ env = "VAR" }`.
+    pub pin: PinSource,
+    /// SoftHSM only: the `softhsm2.conf` to use (exported as `SOFTHSM2_CONF` at start-up).
+    #[serde(default)]
+    pub softhsm2_conf: Option<PathBuf>,
+    /// Number of signing sessions/worker threads; 0 = number of CPUs.
+    #[serde(default)]
+    pub pool_size: usize,
+    /// Bound of the signing queue.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_module() -> PathBuf {
+    PathBuf::from(SOFTHSM_MODULE)
+}
+fn default_queue() -> usize {
+    4096
+}
+
+/// The ledger database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+}
+
+/// Tunable validation limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Oldest accepted test sample, in hours (default 168 = 7 days).
+    #[serde(default = "default_sample_age")]
+    pub max_sample_age_hours: u32,
+    /// Tolerated clock difference for "not in the future" checks, in seconds (default 300).
+    #[serde(default = "default_skew")]
+    pub clock_skew_seconds: u32,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            max_sample_age_hours: default_sample_age(),
+            clock_skew_seconds: default_skew(),
+        }
+    }
+}
+fn default_sample_age() -> u32 {
+    168
+}
+fn default_skew() -> u32 {
+    300
+}
+
+/// Certificate lifetimes (all capped at the DSC's notAfter).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidityConfig {
+    /// Test certificates: hours after the sample time (default 72).
+    #[serde(default = "default_test_hours")]
+    pub test_hours: u32,
+    /// Vaccination certificates: days after issuance (default 270).
+    #[serde(default = "default_vacc_days")]
+    pub vaccination_days: u32,
+    /// Recovery certificates: at most this many days after issuance, and never after `du`
+    /// (default 180).
+    #[serde(default = "default_recovery_days")]
+    pub recovery_days: u32,
+}
+
+impl Default for ValidityConfig {
+    fn default() -> Self {
+        ValidityConfig {
+            test_hours: default_test_hours(),
+            vaccination_days: default_vacc_days(),
+            recovery_days: default_recovery_days(),
+        }
+    }
+}
+fn default_test_hours() -> u32 {
+    72
+}
+fn default_vacc_days() -> u32 {
+    270
+}
+fn default_recovery_days() -> u32 {
+    180
+}
+
+/// One document signer: its key on the token and its certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DscConfig {
+    /// `CKA_LABEL` of the private key on the token.
+    pub label: String,
+    /// PEM file with the DSC certificate.
+    pub certificate: PathBuf,
+    /// Certificate types this DSC signs.
+    pub types: Vec<CertType>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        if cfg.base_dir.as_os_str().is_empty() {
+            cfg.base_dir = PathBuf::from(".");
+        }
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Consistency checks that do not need the token.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let c = &self.issuer.country;
+        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::Invalid(format!(
+                "issuer.country must be two upper-case letters, got {c:?}"
+            )));
+        }
+        let p = &self.issuer.uvci_prefix;
+        if p.is_empty() || p.len() > 20 || !p.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+            return Err(ConfigError::Invalid(
+                "issuer.uvci_prefix must be 1-20 characters A-Z 0-9".into(),
+            ));
+        }
+        for t in CertType::ALL {
+            let n = self.dscs.iter().filter(|d| d.types.contains(&t)).count();
+            if n > 1 {
+                return Err(ConfigError::Invalid(format!(
+                    "{n} DSCs are configured for type {t}; exactly one may be active"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a path from the file against the config's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// Token settings for [`crate::hsm::Token::open`].
+    pub fn token_settings(&self) -> TokenSettings {
+        TokenSettings {
+            module: self.resolve(&self.hsm.module),
+            label: self.hsm.token.clone(),
+            pin: self.hsm.pin.clone(),
+            base_dir: self.base_dir.clone(),
+        }
+    }
+
+    /// Exports `SOFTHSM2_CONF` when the config names one. Must run before the first PKCS#11
+    /// call and before other threads start.
+    pub fn export_softhsm_env(&self) {
+        if let Some(p) = &self.hsm.softhsm2_conf {
+            std::env::set_var("SOFTHSM2_CONF", self.resolve(p));
+        }
+    }
+
+    /// Number of signing sessions to open.
+    pub fn pool_size(&self) -> usize {
+        if self.hsm.pool_size == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+        } else {
+            self.hsm.pool_size
+        }
+    }
+}

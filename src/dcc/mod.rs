@@ -1,0 +1,3 @@
+//! DCC payload model and validation (placeholder until the module lands).
+mod cert_type;
+pub use cert_type::{CertType, UnknownCertType};

@@ -1,0 +1,312 @@
+//! A logged-in token: the anchor session, key generation, key lookup and one-off signing.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use cryptoki::context::Pkcs11;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use rand::RngCore;
+use secrecy::SecretString;
+
+use super::{context::context, load_pin, HsmError, KeyUri, PinSource, SigningPool};
+
+/// DER of the named-curve OID for P-256 (prime256v1, 1.2.840.10045.3.1.7), the `CKA_EC_PARAMS`
+/// value. Named curve, never explicit parameters (the EU gateway refuses those).
+pub const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// How to reach a token.
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    /// Path of the PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so` for SoftHSM).
+    pub module: PathBuf,
+    /// Token label.
+    pub label: String,
+    /// Where the user PIN comes from.
+    pub pin: PinSource,
+    /// Directory that relative PIN file paths are resolved against.
+    pub base_dir: PathBuf,
+}
+
+/// A private key on the token, with its public half read from the token.
+#[derive(Debug, Clone)]
+pub struct KeyHandle {
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_ID` (random, 16 bytes for keys we generate).
+    pub id: Vec<u8>,
+    /// The public key.
+    pub public_key: p256::PublicKey,
+    pub(crate) private: ObjectHandle,
+}
+
+impl KeyHandle {
+    /// The RFC 7512 URI of this key on `token`.
+    pub fn uri(&self, token: &Token) -> KeyUri {
+        KeyUri::new(token.label(), &self.label, Some(self.id.clone()))
+    }
+}
+
+/// A token opened and logged in through its PKCS#11 module.
+///
+/// The anchor session stays open for the token's lifetime: closing the last session of an
+/// application logs it out of the token.
+pub struct Token {
+    ctx: Pkcs11,
+    slot: Slot,
+    label: String,
+    anchor: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token").field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+fn login(session: &Session, user: UserType, pin: &SecretString) -> Result<(), HsmError> {
+    match session.login(user, Some(pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Option<Slot>, HsmError> {
+    for slot in ctx.get_slots_with_initialized_token()? {
+        let info = ctx.get_token_info(slot)?;
+        if info.label().trim_end() == label {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
+impl Token {
+    /// Loads the module (once per process), finds the token by label, opens the anchor session
+    /// and logs in as user. A wrong PIN fails at once and is not retried.
+    pub fn open(settings: &TokenSettings) -> Result<Token, HsmError> {
+        let ctx = context(&settings.module)?;
+        let slot = find_slot(&ctx, &settings.label)?
+            .ok_or_else(|| HsmError::TokenNotFound(settings.label.clone()))?;
+        let info = ctx.get_token_info(slot)?;
+        if info.user_pin_locked() {
+            return Err(HsmError::PinLocked);
+        }
+        let pin = load_pin(&settings.pin, &settings.base_dir)?;
+        let anchor = ctx.open_rw_session(slot)?;
+        login(&anchor, UserType::User, &pin)?;
+        Ok(Token {
+            ctx,
+            slot,
+            label: settings.label.clone(),
+            anchor: Mutex::new(anchor),
+        })
+    }
+
+    /// True when an initialised token with this label exists in the module.
+    pub fn exists(module: &std::path::Path, label: &str) -> Result<bool, HsmError> {
+        let ctx = context(module)?;
+        Ok(find_slot(&ctx, label)?.is_some())
+    }
+
+    /// Initialises a fresh token in a free slot (SoftHSM always offers one) and sets its user
+    /// PIN. Used by `dev-init`; production tokens are set up with the vendor's tools.
+    pub fn initialize(
+        module: &std::path::Path,
+        label: &str,
+        so_pin: &SecretString,
+        user_pin: &SecretString,
+    ) -> Result<(), HsmError> {
+        let ctx = context(module)?;
+        if find_slot(&ctx, label)?.is_some() {
+            return Err(HsmError::Wrapper(format!("token {label:?} already exists")));
+        }
+        let mut free = None;
+        for slot in ctx.get_slots_with_token()? {
+            if !ctx.get_token_info(slot)?.token_initialized() {
+                free = Some(slot);
+                break;
+            }
+        }
+        let free = free.ok_or_else(|| HsmError::Wrapper("no free slot to initialise a token in".into()))?;
+        ctx.init_token(free, so_pin, label)?;
+        // SoftHSM moves an initialised token to a new slot id: look it up again.
+        let slot = find_slot(&ctx, label)?.ok_or_else(|| HsmError::TokenNotFound(label.into()))?;
+        let session = ctx.open_rw_session(slot)?;
+        login(&session, UserType::So, so_pin)?;
+        session.init_pin(user_pin)?;
+        session.logout()?;
+        Ok(())
+    }
+
+    /// The token label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn anchor(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.anchor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Generates a P-256 key pair inside the token: `CKA_TOKEN`, `CKA_SENSITIVE`,
+    /// `!CKA_EXTRACTABLE`, `CKA_SIGN`, named-curve parameters and a random 16-byte `CKA_ID`.
+    /// Refuses a label that already exists.
+    pub fn generate_p256(&self, label: &str) -> Result<KeyHandle, HsmError> {
+        if self.find_object(ObjectClass::PRIVATE_KEY, label)?.is_some() {
+            return Err(HsmError::KeyExists(label.to_string()));
+        }
+        let mut id = vec![0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.clone()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Derive(false),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.clone()),
+        ];
+        let session = self.anchor();
+        let (_pub_h, priv_h) =
+            session.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)?;
+        let public_key = read_public_key(&session, &id)?;
+        Ok(KeyHandle {
+            label: label.to_string(),
+            id,
+            public_key,
+            private: priv_h,
+        })
+    }
+
+    fn find_object(&self, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>, HsmError> {
+        let session = self.anchor();
+        let found = session.find_objects(&[
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])?;
+        Ok(found.into_iter().next())
+    }
+
+    /// The private key with this label, and its public key.
+    pub fn find_key(&self, label: &str) -> Result<KeyHandle, HsmError> {
+        let session = self.anchor();
+        let found = session.find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])?;
+        let private = *found
+            .first()
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_string()))?;
+        let id = match session.get_attributes(private, &[AttributeType::Id])?.pop() {
+            Some(Attribute::Id(id)) => id,
+            _ => return Err(HsmError::Malformed(format!("key {label:?} has no CKA_ID"))),
+        };
+        let public_key = read_public_key(&session, &id)?;
+        Ok(KeyHandle {
+            label: label.to_string(),
+            id,
+            public_key,
+            private,
+        })
+    }
+
+    /// Labels of all private keys on the token.
+    pub fn key_labels(&self) -> Result<Vec<String>, HsmError> {
+        let session = self.anchor();
+        let mut out = Vec::new();
+        for h in session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+            if let Some(Attribute::Label(l)) = session.get_attributes(h, &[AttributeType::Label])?.pop() {
+                out.push(String::from_utf8_lossy(&l).into_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Signs a SHA-256 digest with `CKM_ECDSA` on the anchor session; returns raw `r||s`.
+    /// For one-off operations (certificates, CSRs); bulk signing goes through [`SigningPool`].
+    pub fn sign_digest(&self, key: &KeyHandle, digest: &[u8; 32]) -> Result<[u8; 64], HsmError> {
+        let session = self.anchor();
+        let sig = session.sign(&Mechanism::Ecdsa, key.private, digest)?;
+        to_raw64(sig)
+    }
+
+    /// Whether the token would reveal the private key's `CKA_VALUE` (it must not).
+    pub fn private_value_readable(&self, key: &KeyHandle) -> Result<bool, HsmError> {
+        let session = self.anchor();
+        let info = session.get_attribute_info(key.private, &[AttributeType::Value])?;
+        if matches!(info.first(), Some(AttributeInfo::Available(_))) {
+            return Ok(true);
+        }
+        let attrs = session.get_attributes(key.private, &[AttributeType::Value]);
+        Ok(matches!(attrs, Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_)))))
+    }
+
+    /// The private key's `CKA_SENSITIVE` and `CKA_EXTRACTABLE` flags as the token reports them.
+    pub fn protection_flags(&self, key: &KeyHandle) -> Result<(bool, bool), HsmError> {
+        let session = self.anchor();
+        let attrs = session.get_attributes(
+            key.private,
+            &[AttributeType::Sensitive, AttributeType::Extractable],
+        )?;
+        let mut sensitive = false;
+        let mut extractable = true;
+        for a in attrs {
+            match a {
+                Attribute::Sensitive(v) => sensitive = v,
+                Attribute::Extractable(v) => extractable = v,
+                _ => {}
+            }
+        }
+        Ok((sensitive, extractable))
+    }
+
+    /// Starts a signing pool of `size` sessions, each owned by a worker thread, fed by a queue
+    /// bounded at `queue` jobs.
+    pub fn signing_pool(&self, size: usize, queue: usize) -> Result<SigningPool, HsmError> {
+        SigningPool::start(self.ctx.clone(), self.slot, size.max(1), queue.max(1))
+    }
+}
+
+fn read_public_key(session: &Session, id: &[u8]) -> Result<p256::PublicKey, HsmError> {
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::Id(id.to_vec()),
+    ])?;
+    let h = *found
+        .first()
+        .ok_or_else(|| HsmError::Malformed("public key object missing".into()))?;
+    let point = match session.get_attributes(h, &[AttributeType::EcPoint])?.pop() {
+        Some(Attribute::EcPoint(p)) => p,
+        _ => return Err(HsmError::Malformed("public key has no CKA_EC_POINT".into())),
+    };
+    // CKA_EC_POINT is a DER OCTET STRING around the SEC1 point (some modules return it bare).
+    let sec1 = if point.len() == 67 && point[0] == 0x04 && point[1] == 0x41 {
+        &point[2..]
+    } else {
+        &point[..]
+    };
+    let pk = p256::PublicKey::from_sec1_bytes(sec1)
+        .map_err(|_| HsmError::Malformed("CKA_EC_POINT is not a P-256 point".into()))?;
+    debug_assert_eq!(pk.to_encoded_point(false).len(), 65);
+    Ok(pk)
+}
+
+pub(crate) fn to_raw64(sig: Vec<u8>) -> Result<[u8; 64], HsmError> {
+    sig.try_into()
+        .map_err(|v: Vec<u8>| HsmError::Malformed(format!("ECDSA signature of {} bytes, expected 64", v.len())))
+}

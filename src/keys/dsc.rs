@@ -1,0 +1,174 @@
+//! Configured document signers: certificate + key on the token, checked against each other.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use der::{Decode, DecodePem, Encode};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use x509_cert::ext::pkix::ExtendedKeyUsage;
+use x509_cert::Certificate;
+
+use super::KeysError;
+use crate::config::Config;
+use crate::dcc::CertType;
+use crate::hsm::{KeyHandle, Token};
+
+/// OID of the named curve P-256 (prime256v1).
+const P256_OID: &str = "1.2.840.10045.3.1.7";
+
+/// A DSC certificate with the facts we use from it.
+#[derive(Debug, Clone)]
+pub struct Dsc {
+    /// Label of its private key on the token.
+    pub label: String,
+    /// DER of the certificate.
+    pub cert_der: Vec<u8>,
+    /// kid: first 8 bytes of SHA-256 over the DER.
+    pub kid: [u8; 8],
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+    /// Types allowed by the DCC extended key usage; `None` when the certificate has none
+    /// (then it may sign all types).
+    pub eku_types: Option<Vec<CertType>>,
+    /// The certified public key.
+    pub public_key: p256::PublicKey,
+}
+
+fn to_time(t: &x509_cert::time::Time) -> Result<OffsetDateTime, String> {
+    let secs = t.to_unix_duration().as_secs();
+    OffsetDateTime::from_unix_timestamp(secs as i64).map_err(|e| e.to_string())
+}
+
+impl Dsc {
+    /// Parses a DSC certificate. Refuses anything but a named-curve P-256 key.
+    pub fn from_der(label: &str, der: &[u8]) -> Result<Dsc, KeysError> {
+        let perr = |message: String| KeysError::Parse { path: label.to_string(), message };
+        let cert = Certificate::from_der(der).map_err(|e| perr(e.to_string()))?;
+        let tbs = &cert.tbs_certificate;
+        let spki = &tbs.subject_public_key_info;
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.decode_as::<const_oid::ObjectIdentifier>().ok());
+        if curve.map(|c| c.to_string()) != Some(P256_OID.to_string()) {
+            return Err(perr("public key is not on the named curve P-256".into()));
+        }
+        let public_key = p256::PublicKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
+            .map_err(|_| perr("invalid P-256 public key".into()))?;
+        let eku_types = match tbs.get::<ExtendedKeyUsage>().map_err(|e| perr(e.to_string()))? {
+            None => None,
+            Some((_, eku)) => {
+                let types: Vec<CertType> = eku
+                    .0
+                    .iter()
+                    .filter_map(|oid| CertType::from_eku_oid(&oid.to_string()))
+                    .collect();
+                // An EKU without any DCC OID still restricts: it allows no DCC type.
+                Some(types)
+            }
+        };
+        let digest = Sha256::digest(der);
+        let mut kid = [0u8; 8];
+        kid.copy_from_slice(&digest[..8]);
+        Ok(Dsc {
+            label: label.to_string(),
+            cert_der: der.to_vec(),
+            kid,
+            not_before: to_time(&tbs.validity.not_before).map_err(perr)?,
+            not_after: to_time(&tbs.validity.not_after).map_err(perr)?,
+            eku_types,
+            public_key,
+        })
+    }
+
+    /// Reads a PEM certificate file.
+    pub fn from_pem_file(label: &str, path: &Path) -> Result<Dsc, KeysError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cert = Certificate::from_pem(text.as_bytes()).map_err(|e| KeysError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let der = cert.to_der().map_err(|e| KeysError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Dsc::from_der(label, &der)
+    }
+
+    /// Whether the extended key usage allows signing this type.
+    pub fn allows(&self, t: CertType) -> bool {
+        self.eku_types.as_ref().is_none_or(|v| v.contains(&t))
+    }
+
+    /// kid as lower-case hex.
+    pub fn kid_hex(&self) -> String {
+        hex::encode(self.kid)
+    }
+}
+
+/// A DSC whose key was found on the token and matches the certificate.
+#[derive(Debug)]
+pub struct ActiveDsc {
+    /// The certificate.
+    pub dsc: Dsc,
+    /// Its private key on the token.
+    pub key: KeyHandle,
+    /// The types it is configured to sign.
+    pub types: Vec<CertType>,
+}
+
+/// The configured DSCs, by type.
+#[derive(Debug, Default, Clone)]
+pub struct DscSet {
+    by_type: BTreeMap<CertType, Arc<ActiveDsc>>,
+}
+
+impl DscSet {
+    /// Loads every configured DSC and checks it: the certificate parses, its EKU allows every
+    /// configured type, its key is on the token and equals the certified key, and it has not
+    /// expired. Any failure is an error naming the DSC.
+    pub fn load(cfg: &Config, token: &Token, now: OffsetDateTime) -> Result<DscSet, KeysError> {
+        let mut by_type = BTreeMap::new();
+        for d in &cfg.dscs {
+            let derr = |message: String| KeysError::Dsc { label: d.label.clone(), message };
+            let dsc = Dsc::from_pem_file(&d.label, &cfg.resolve(&d.certificate))?;
+            for t in &d.types {
+                if !dsc.allows(*t) {
+                    return Err(derr(format!(
+                        "configured for {t} but its extended key usage does not allow {t}"
+                    )));
+                }
+            }
+            if dsc.not_after <= now {
+                return Err(derr(format!("certificate expired at {}", dsc.not_after)));
+            }
+            let key = token.find_key(&d.label).map_err(|e| derr(e.to_string()))?;
+            if key.public_key != dsc.public_key {
+                return Err(derr("the key on the token does not match the certificate".into()));
+            }
+            let active = Arc::new(ActiveDsc { dsc, key, types: d.types.clone() });
+            for t in &d.types {
+                by_type.insert(*t, active.clone());
+            }
+        }
+        Ok(DscSet { by_type })
+    }
+
+    /// The DSC that signs type `t`.
+    pub fn for_type(&self, t: CertType) -> Option<&Arc<ActiveDsc>> {
+        self.by_type.get(&t)
+    }
+
+    /// All (type, DSC) pairs.
+    pub fn iter(&self) -> impl Iterator<Item = (CertType, &Arc<ActiveDsc>)> {
+        self.by_type.iter().map(|(t, d)| (*t, d))
+    }
+}

@@ -1,0 +1,49 @@
+//! Document-signer (DSC) lifecycle: the certificates we build inside the token (a development
+//! CSCA and its DSCs), loading configured DSCs and checking them against their keys.
+//!
+//! Invariant: a DSC is only used for the certificate types its extended key usage allows, and
+//! only while its key is present on the token and matches the certificate.
+
+mod certificate;
+mod dev;
+mod dsc;
+
+pub use certificate::{build_csca, build_dsc, random_serial, CertProfile};
+pub use dev::{dev_init, DevInitReport, DEV_TOKEN_LABEL};
+pub use dsc::{ActiveDsc, Dsc, DscSet};
+
+/// Errors of the key layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeysError {
+    /// The token failed.
+    #[error(transparent)]
+    Hsm(#[from] crate::hsm::HsmError),
+    /// A certificate could not be built or encoded.
+    #[error("certificate building: {0}")]
+    Build(String),
+    /// A certificate file could not be parsed.
+    #[error("certificate {path}: {message}")]
+    Parse {
+        /// The file (or a label when not from a file).
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A DSC does not fit its configuration or its key.
+    #[error("DSC {label:?}: {message}")]
+    Dsc {
+        /// The key label.
+        label: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
