@@ -209,7 +209,12 @@ impl Config {
             )));
         }
         let p = &self.issuer.uvci_prefix;
-        if p.is_empty() || p.len() > 20 || !p.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()) {
+        if p.is_empty()
+            || p.len() > 20
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
             return Err(ConfigError::Invalid(
                 "issuer.uvci_prefix must be 1-20 characters A-Z 0-9".into(),
             ));
@@ -255,7 +260,9 @@ impl Config {
     /// Number of signing sessions to open.
     pub fn pool_size(&self) -> usize {
         if self.hsm.pool_size == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
         } else {
             self.hsm.pool_size
         }

@@ -1,5 +1,8 @@
-fn main() {
-    let dir = std::env::args().nth(1).unwrap();
-    let r = dccsign::keys::dev_init(std::path::Path::new(&dir), "SE").unwrap();
-    println!("{:#?}", r);
+//! The `dccsign` command line.
+#![forbid(unsafe_code)]
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::run()
 }

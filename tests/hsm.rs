@@ -23,7 +23,10 @@ fn fixture() -> &'static Fixture {
         let conf = dir.path().join("softhsm2.conf");
         std::fs::write(
             &conf,
-            format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
         )
         .unwrap();
         std::env::set_var("SOFTHSM2_CONF", &conf);
@@ -58,7 +61,10 @@ fn generated_key_is_sensitive_and_not_extractable() {
     let k = t.generate_p256("attr-key").unwrap();
     assert_eq!(k.id.len(), 16);
     assert_eq!(t.protection_flags(&k).unwrap(), (true, false));
-    assert!(!t.private_value_readable(&k).unwrap(), "CKA_VALUE must not be readable");
+    assert!(
+        !t.private_value_readable(&k).unwrap(),
+        "CKA_VALUE must not be readable"
+    );
     // Found again by label, with the same public key and id.
     let again = t.find_key("attr-key").unwrap();
     assert_eq!(again.public_key, k.public_key);
@@ -72,8 +78,14 @@ fn generated_key_is_sensitive_and_not_extractable() {
 fn label_reuse_is_refused() {
     let t = token();
     t.generate_p256("unique-label").unwrap();
-    assert!(matches!(t.generate_p256("unique-label"), Err(HsmError::KeyExists(_))));
-    assert!(matches!(t.find_key("no-such-label"), Err(HsmError::KeyNotFound(_))));
+    assert!(matches!(
+        t.generate_p256("unique-label"),
+        Err(HsmError::KeyExists(_))
+    ));
+    assert!(matches!(
+        t.find_key("no-such-label"),
+        Err(HsmError::KeyNotFound(_))
+    ));
 }
 
 #[test]
@@ -104,7 +116,8 @@ fn pool_submit_replies_from_worker() {
     let k = t.generate_p256("submit-key").unwrap();
     let pool = t.signing_pool(1, 4).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    pool.submit(&k, [1u8; 32], Box::new(move |r| tx.send(r).unwrap())).unwrap();
+    pool.submit(&k, [1u8; 32], Box::new(move |r| tx.send(r).unwrap()))
+        .unwrap();
     let sig = rx.recv().unwrap().unwrap();
     assert_eq!(sig.len(), 64);
 }
@@ -113,7 +126,10 @@ fn pool_submit_replies_from_worker() {
 fn unknown_token_is_reported() {
     // (The wrong-PIN case needs a process that is not logged in yet: see tests/cli.rs.)
     assert!(matches!(
-        Token::open(&TokenSettings { label: "no-such-token".into(), ..fixture().settings.clone() }),
+        Token::open(&TokenSettings {
+            label: "no-such-token".into(),
+            ..fixture().settings.clone()
+        }),
         Err(HsmError::TokenNotFound(_))
     ));
 }

@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Which statement a certificate carries: exactly one of `t`, `v` or `r` in the payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CertType {
     /// A negative test result (`t`).

@@ -40,8 +40,12 @@ pub fn load_pin(source: &PinSource, base: &Path) -> Result<SecretString, HsmErro
         }
         PinSource::Env(var) => match std::env::var(var) {
             Ok(pin) if !pin.trim().is_empty() => Ok(SecretString::from(pin.trim().to_string())),
-            Ok(_) => Err(HsmError::Pin(format!("environment variable {var} is empty"))),
-            Err(_) => Err(HsmError::Pin(format!("environment variable {var} is not set"))),
+            Ok(_) => Err(HsmError::Pin(format!(
+                "environment variable {var} is empty"
+            ))),
+            Err(_) => Err(HsmError::Pin(format!(
+                "environment variable {var} is not set"
+            ))),
         },
     }
 }
@@ -103,7 +107,11 @@ mod tests {
 
     #[test]
     fn env_source() {
-        let err = load_pin(&PinSource::Env("DCCSIGN_TEST_NO_SUCH_VAR".into()), Path::new(".")).unwrap_err();
+        let err = load_pin(
+            &PinSource::Env("DCCSIGN_TEST_NO_SUCH_VAR".into()),
+            Path::new("."),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not set"));
     }
 }

@@ -34,12 +34,19 @@ pub struct SigningPool {
 
 impl std::fmt::Debug for SigningPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningPool").field("workers", &self.workers.len()).finish()
+        f.debug_struct("SigningPool")
+            .field("workers", &self.workers.len())
+            .finish()
     }
 }
 
 impl SigningPool {
-    pub(crate) fn start(ctx: Pkcs11, slot: Slot, size: usize, queue: usize) -> Result<Self, HsmError> {
+    pub(crate) fn start(
+        ctx: Pkcs11,
+        slot: Slot,
+        size: usize,
+        queue: usize,
+    ) -> Result<Self, HsmError> {
         let (tx, rx) = bounded::<Job>(queue);
         let mut workers = Vec::with_capacity(size);
         for i in 0..size {
@@ -53,7 +60,10 @@ impl SigningPool {
                 .map_err(|e| HsmError::Wrapper(format!("cannot start worker thread: {e}")))?;
             workers.push(handle);
         }
-        Ok(SigningPool { tx: Some(tx), workers })
+        Ok(SigningPool {
+            tx: Some(tx),
+            workers,
+        })
     }
 
     /// Number of worker threads (= sessions).
@@ -63,9 +73,18 @@ impl SigningPool {
 
     /// Queues a signature over a SHA-256 digest; `reply` runs on the worker thread with the
     /// result. Returns [`HsmError::Overloaded`] at once when the queue is full.
-    pub fn submit(&self, key: &KeyHandle, digest: [u8; 32], reply: SignReply) -> Result<(), HsmError> {
+    pub fn submit(
+        &self,
+        key: &KeyHandle,
+        digest: [u8; 32],
+        reply: SignReply,
+    ) -> Result<(), HsmError> {
         let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
-        match tx.try_send(Job { key: key.private, digest, reply }) {
+        match tx.try_send(Job {
+            key: key.private,
+            digest,
+            reply,
+        }) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(HsmError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(HsmError::PoolClosed),
@@ -80,8 +99,12 @@ impl SigningPool {
         let reply: SignReply = Box::new(move |r| {
             let _ = rtx.send(r);
         });
-        tx.send(Job { key: key.private, digest, reply })
-            .map_err(|_| HsmError::PoolClosed)?;
+        tx.send(Job {
+            key: key.private,
+            digest,
+            reply,
+        })
+        .map_err(|_| HsmError::PoolClosed)?;
         rrx.recv().map_err(|_| HsmError::PoolClosed)?
     }
 }

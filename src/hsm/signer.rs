@@ -44,8 +44,9 @@ impl signature::Signer<DerSignature> for TokenSigner<'_> {
 
 impl SignatureAlgorithmIdentifier for TokenSigner<'_> {
     type Params = AnyRef<'static>;
-    const SIGNATURE_ALGORITHM_IDENTIFIER: AlgorithmIdentifier<AnyRef<'static>> = AlgorithmIdentifier {
-        oid: ecdsa::ECDSA_SHA256_OID,
-        parameters: None,
-    };
+    const SIGNATURE_ALGORITHM_IDENTIFIER: AlgorithmIdentifier<AnyRef<'static>> =
+        AlgorithmIdentifier {
+            oid: ecdsa::ECDSA_SHA256_OID,
+            parameters: None,
+        };
 }

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -64,7 +66,9 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("label", &self.label).finish_non_exhaustive()
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .finish_non_exhaustive()
     }
 }
 
@@ -132,7 +136,8 @@ impl Token {
                 break;
             }
         }
-        let free = free.ok_or_else(|| HsmError::Wrapper("no free slot to initialise a token in".into()))?;
+        let free =
+            free.ok_or_else(|| HsmError::Wrapper("no free slot to initialise a token in".into()))?;
         ctx.init_token(free, so_pin, label)?;
         // SoftHSM moves an initialised token to a new slot id: look it up again.
         let slot = find_slot(&ctx, label)?.ok_or_else(|| HsmError::TokenNotFound(label.into()))?;
@@ -153,7 +158,8 @@ impl Token {
     }
 
     /// Generates a P-256 key pair inside the token: `CKA_TOKEN`, `CKA_SENSITIVE`,
-    /// `!CKA_EXTRACTABLE`, `CKA_SIGN`, named-curve parameters and a random 16-byte `CKA_ID`.
+    /// `!CKA_EXTRACTABLE`, `CKA_SIGN` (and no decrypt, unwrap or derive), named-curve
+    /// parameters and a random 16-byte `CKA_ID`.
     /// Refuses a label that already exists.
     pub fn generate_p256(&self, label: &str) -> Result<KeyHandle, HsmError> {
         if self.find_object(ObjectClass::PRIVATE_KEY, label)?.is_some() {
@@ -165,6 +171,9 @@ impl Token {
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Derive(false),
             Attribute::EcParams(P256_EC_PARAMS.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
@@ -175,6 +184,9 @@ impl Token {
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
             Attribute::Sign(true),
+            // Nothing but signing: SoftHSM would otherwise default decrypt/unwrap to true.
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
             Attribute::Derive(false),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
@@ -191,7 +203,11 @@ impl Token {
         })
     }
 
-    fn find_object(&self, class: ObjectClass, label: &str) -> Result<Option<ObjectHandle>, HsmError> {
+    fn find_object(
+        &self,
+        class: ObjectClass,
+        label: &str,
+    ) -> Result<Option<ObjectHandle>, HsmError> {
         let session = self.anchor();
         let found = session.find_objects(&[
             Attribute::Class(class),
@@ -229,7 +245,9 @@ impl Token {
         let session = self.anchor();
         let mut out = Vec::new();
         for h in session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
-            if let Some(Attribute::Label(l)) = session.get_attributes(h, &[AttributeType::Label])?.pop() {
+            if let Some(Attribute::Label(l)) =
+                session.get_attributes(h, &[AttributeType::Label])?.pop()
+            {
                 out.push(String::from_utf8_lossy(&l).into_owned());
             }
         }
@@ -307,6 +325,7 @@ fn read_public_key(session: &Session, id: &[u8]) -> Result<p256::PublicKey, HsmE
 }
 
 pub(crate) fn to_raw64(sig: Vec<u8>) -> Result<[u8; 64], HsmError> {
-    sig.try_into()
-        .map_err(|v: Vec<u8>| HsmError::Malformed(format!("ECDSA signature of {} bytes, expected 64", v.len())))
+    sig.try_into().map_err(|v: Vec<u8>| {
+        HsmError::Malformed(format!("ECDSA signature of {} bytes, expected 64", v.len()))
+    })
 }

@@ -95,7 +95,9 @@ impl FromStr for KeyUri {
                 "object" => object = Some(text()?),
                 "id" => id = Some(pct_decode(v)?),
                 "type" if v != "private" => {
-                    return Err(HsmError::Uri(format!("type={v}: only private keys are addressed")))
+                    return Err(HsmError::Uri(format!(
+                        "type={v}: only private keys are addressed"
+                    )))
                 }
                 _ => {}
             }
@@ -116,18 +118,24 @@ mod tests {
     fn round_trip() {
         let u = KeyUri::new("dccsign dev", "dsc-test", Some(vec![0x01, 0xab]));
         let s = u.to_string();
-        assert_eq!(s, "pkcs11:token=dccsign%20dev;id=%01%AB;object=dsc-test;type=private");
+        assert_eq!(
+            s,
+            "pkcs11:token=dccsign%20dev;id=%01%AB;object=dsc-test;type=private"
+        );
         assert_eq!(s.parse::<KeyUri>().unwrap(), u);
     }
 
     #[test]
     fn rfc7512_example() {
-        let u: KeyUri = "pkcs11:token=The%20Software%20PKCS%2311%20Softtoken;object=my-key;type=private"
-            .parse()
-            .unwrap();
+        let u: KeyUri =
+            "pkcs11:token=The%20Software%20PKCS%2311%20Softtoken;object=my-key;type=private"
+                .parse()
+                .unwrap();
         assert_eq!(u.token, "The Software PKCS#11 Softtoken");
         assert_eq!(u.object, "my-key");
         assert!("pkcs11:object=x".parse::<KeyUri>().is_err());
-        assert!("pkcs11:token=t;object=x;type=cert".parse::<KeyUri>().is_err());
+        assert!("pkcs11:token=t;object=x;type=cert"
+            .parse::<KeyUri>()
+            .is_err());
     }
 }

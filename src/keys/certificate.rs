@@ -51,7 +51,10 @@ pub fn random_serial() -> Result<SerialNumber, KeysError> {
 
 fn validity(p: &CertProfile) -> Result<Validity, KeysError> {
     // Whole seconds: certificates carry no fractions.
-    let start = p.not_before.duration_since(SystemTime::UNIX_EPOCH).map_err(build_err)?;
+    let start = p
+        .not_before
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(build_err)?;
     let start = SystemTime::UNIX_EPOCH + Duration::from_secs(start.as_secs());
     let end = start + p.lifetime;
     Ok(Validity {
@@ -65,7 +68,11 @@ fn spki_of(key: &KeyHandle) -> Result<SubjectPublicKeyInfoOwned, KeysError> {
 }
 
 /// Builds the self-signed CSCA certificate: CA with pathLen 0, keyCertSign + cRLSign, SKI.
-pub fn build_csca(token: &Token, key: &KeyHandle, profile: &CertProfile) -> Result<Certificate, KeysError> {
+pub fn build_csca(
+    token: &Token,
+    key: &KeyHandle,
+    profile: &CertProfile,
+) -> Result<Certificate, KeysError> {
     let signer = TokenSigner::new(token, key);
     let spki = spki_of(key)?;
     let ski = SubjectKeyIdentifier::try_from(spki.owned_to_ref()).map_err(build_err)?;
@@ -79,8 +86,11 @@ pub fn build_csca(token: &Token, key: &KeyHandle, profile: &CertProfile) -> Resu
         &signer,
     )
     .map_err(build_err)?;
-    b.add_extension(&BasicConstraints { ca: true, path_len_constraint: Some(0) })
-        .map_err(build_err)?;
+    b.add_extension(&BasicConstraints {
+        ca: true,
+        path_len_constraint: Some(0),
+    })
+    .map_err(build_err)?;
     b.add_extension(&KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign))
         .map_err(build_err)?;
     b.add_extension(&ski).map_err(build_err)?;
@@ -114,7 +124,9 @@ pub fn build_dsc(
     };
     let subject = Name::from_str(&profile.subject).map_err(build_err)?;
     let mut b = CertificateBuilder::new(
-        Profile::Manual { issuer: Some(csca_cert.tbs_certificate.subject.clone()) },
+        Profile::Manual {
+            issuer: Some(csca_cert.tbs_certificate.subject.clone()),
+        },
         random_serial()?,
         validity(profile)?,
         subject,
@@ -122,7 +134,8 @@ pub fn build_dsc(
         &signer,
     )
     .map_err(build_err)?;
-    b.add_extension(&KeyUsage(KeyUsages::DigitalSignature.into())).map_err(build_err)?;
+    b.add_extension(&KeyUsage(KeyUsages::DigitalSignature.into()))
+        .map_err(build_err)?;
     b.add_extension(&aki).map_err(build_err)?;
     b.add_extension(&ski).map_err(build_err)?;
     if !types.is_empty() {
@@ -130,7 +143,8 @@ pub fn build_dsc(
             .iter()
             .map(|t| ObjectIdentifier::new(t.eku_oid()).map_err(build_err))
             .collect::<Result<Vec<_>, _>>()?;
-        b.add_extension(&NonCriticalEku(ExtendedKeyUsage(oids))).map_err(build_err)?;
+        b.add_extension(&NonCriticalEku(ExtendedKeyUsage(oids)))
+            .map_err(build_err)?;
     }
     b.build::<DerSignature>().map_err(build_err)
 }

@@ -35,7 +35,10 @@ pub struct DevInitReport {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeysError + '_ {
-    move |source| KeysError::Io { path: path.display().to_string(), source }
+    move |source| KeysError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Writes a file atomically (temporary file + fsync + rename) unless it exists.
@@ -70,7 +73,10 @@ fn ensure_pin(path: &Path, created: &mut Vec<String>) -> Result<SecretString, Ke
         crate::hsm::write_pin_file_new(path, &pin).map_err(io(path))?;
         created.push(format!("PIN file {}", path.display()));
     }
-    Ok(load_pin(&PinSource::File(path.to_path_buf()), Path::new("."))?)
+    Ok(load_pin(
+        &PinSource::File(path.to_path_buf()),
+        Path::new("."),
+    )?)
 }
 
 fn load_cert(path: &Path) -> Result<Certificate, KeysError> {

@@ -4,19 +4,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use der::{Decode, DecodePem, Encode};
-use sha2::{Digest, Sha256};
+use der::{DecodePem, Encode};
 use time::OffsetDateTime;
-use x509_cert::ext::pkix::ExtendedKeyUsage;
 use x509_cert::Certificate;
 
 use super::KeysError;
 use crate::config::Config;
+use crate::cose::trust::{PublicKey, TrustedDsc};
 use crate::dcc::CertType;
 use crate::hsm::{KeyHandle, Token};
-
-/// OID of the named curve P-256 (prime256v1).
-const P256_OID: &str = "1.2.840.10045.3.1.7";
 
 /// A DSC certificate with the facts we use from it.
 #[derive(Debug, Clone)]
@@ -31,57 +27,32 @@ pub struct Dsc {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
-    /// Types allowed by the DCC extended key usage; `None` when the certificate has none
-    /// (then it may sign all types).
+    /// Types allowed by the extended key usage; `None` when the certificate has none (then it
+    /// may sign all types). Same semantics as [`TrustedDsc::types`].
     pub eku_types: Option<Vec<CertType>>,
     /// The certified public key.
     pub public_key: p256::PublicKey,
 }
 
-fn to_time(t: &x509_cert::time::Time) -> Result<OffsetDateTime, String> {
-    let secs = t.to_unix_duration().as_secs();
-    OffsetDateTime::from_unix_timestamp(secs as i64).map_err(|e| e.to_string())
-}
-
 impl Dsc {
-    /// Parses a DSC certificate. Refuses anything but a named-curve P-256 key.
+    /// Parses a DSC certificate (the verifier's parser, so issuing and verifying agree).
+    /// Refuses anything but a named-curve P-256 key.
     pub fn from_der(label: &str, der: &[u8]) -> Result<Dsc, KeysError> {
-        let perr = |message: String| KeysError::Parse { path: label.to_string(), message };
-        let cert = Certificate::from_der(der).map_err(|e| perr(e.to_string()))?;
-        let tbs = &cert.tbs_certificate;
-        let spki = &tbs.subject_public_key_info;
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.decode_as::<const_oid::ObjectIdentifier>().ok());
-        if curve.map(|c| c.to_string()) != Some(P256_OID.to_string()) {
-            return Err(perr("public key is not on the named curve P-256".into()));
-        }
-        let public_key = p256::PublicKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
-            .map_err(|_| perr("invalid P-256 public key".into()))?;
-        let eku_types = match tbs.get::<ExtendedKeyUsage>().map_err(|e| perr(e.to_string()))? {
-            None => None,
-            Some((_, eku)) => {
-                let types: Vec<CertType> = eku
-                    .0
-                    .iter()
-                    .filter_map(|oid| CertType::from_eku_oid(&oid.to_string()))
-                    .collect();
-                // An EKU without any DCC OID still restricts: it allows no DCC type.
-                Some(types)
-            }
+        let perr = |message: String| KeysError::Parse {
+            path: label.to_string(),
+            message,
         };
-        let digest = Sha256::digest(der);
-        let mut kid = [0u8; 8];
-        kid.copy_from_slice(&digest[..8]);
+        let t = TrustedDsc::from_der(der).map_err(|e| perr(e.to_string()))?;
+        let PublicKey::P256(public_key) = t.public_key else {
+            return Err(perr("the DSC key must be ECDSA P-256".into()));
+        };
         Ok(Dsc {
             label: label.to_string(),
-            cert_der: der.to_vec(),
-            kid,
-            not_before: to_time(&tbs.validity.not_before).map_err(perr)?,
-            not_after: to_time(&tbs.validity.not_after).map_err(perr)?,
-            eku_types,
+            cert_der: t.der,
+            kid: t.kid,
+            not_before: t.not_before,
+            not_after: t.not_after,
+            eku_types: t.types,
             public_key,
         })
     }
@@ -138,7 +109,10 @@ impl DscSet {
     pub fn load(cfg: &Config, token: &Token, now: OffsetDateTime) -> Result<DscSet, KeysError> {
         let mut by_type = BTreeMap::new();
         for d in &cfg.dscs {
-            let derr = |message: String| KeysError::Dsc { label: d.label.clone(), message };
+            let derr = |message: String| KeysError::Dsc {
+                label: d.label.clone(),
+                message,
+            };
             let dsc = Dsc::from_pem_file(&d.label, &cfg.resolve(&d.certificate))?;
             for t in &d.types {
                 if !dsc.allows(*t) {
@@ -152,9 +126,15 @@ impl DscSet {
             }
             let key = token.find_key(&d.label).map_err(|e| derr(e.to_string()))?;
             if key.public_key != dsc.public_key {
-                return Err(derr("the key on the token does not match the certificate".into()));
+                return Err(derr(
+                    "the key on the token does not match the certificate".into(),
+                ));
             }
-            let active = Arc::new(ActiveDsc { dsc, key, types: d.types.clone() });
+            let active = Arc::new(ActiveDsc {
+                dsc,
+                key,
+                types: d.types.clone(),
+            });
             for t in &d.types {
                 by_type.insert(*t, active.clone());
             }

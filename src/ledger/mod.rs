@@ -102,11 +102,18 @@ pub trait Ledger: Send + Sync {
     /// exists.
     fn reserve(&self, r: &Reservation) -> Result<ReservationId, LedgerError>;
     /// Completes a reservation with the signature hash.
-    fn complete(&self, id: ReservationId, signature_hash: &RevocationHash) -> Result<(), LedgerError>;
+    fn complete(
+        &self,
+        id: ReservationId,
+        signature_hash: &RevocationHash,
+    ) -> Result<(), LedgerError>;
     /// Deletes a reservation whose signing failed (no signature exists).
     fn release(&self, id: ReservationId) -> Result<(), LedgerError>;
     /// The row for a UVCI hash.
-    fn find_by_uci_hash(&self, h: &RevocationHash) -> Result<Option<CertificateRecord>, LedgerError>;
+    fn find_by_uci_hash(
+        &self,
+        h: &RevocationHash,
+    ) -> Result<Option<CertificateRecord>, LedgerError>;
     /// Row counts.
     fn counts(&self) -> Result<LedgerCounts, LedgerError>;
     /// Whether the database accepts writes right now (health checks).

@@ -46,7 +46,9 @@ fn now() -> i64 {
 }
 
 fn hash16(v: Vec<u8>) -> Result<RevocationHash, rusqlite::Error> {
-    v.try_into().map_err(|_| rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob))
+    v.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob)
+    })
 }
 
 impl SqliteLedger {
@@ -57,7 +59,9 @@ impl SqliteLedger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let ledger = SqliteLedger { conn: Mutex::new(conn) };
+        let ledger = SqliteLedger {
+            conn: Mutex::new(conn),
+        };
         ledger.migrate()?;
         Ok(ledger)
     }
@@ -96,9 +100,9 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
         cert_type: t.parse::<CertType>().map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
         })?,
-        kid: kid
-            .try_into()
-            .map_err(|_| rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob))?,
+        kid: kid.try_into().map_err(|_| {
+            rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob)
+        })?,
         iat: r.get("iat")?,
         exp: r.get("exp")?,
         signature_hash: sig.map(hash16).transpose()?,
@@ -124,7 +128,9 @@ impl Ledger for SqliteLedger {
         );
         match res {
             Ok(_) => Ok(ReservationId(conn.last_insert_rowid())),
-            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == ErrorCode::ConstraintViolation =>
+            {
                 let state: Option<String> = conn
                     .query_row(
                         "SELECT state FROM certificates WHERE uci_hash = ?1",
@@ -134,14 +140,20 @@ impl Ledger for SqliteLedger {
                     .optional()?;
                 match state {
                     Some(state) => Err(LedgerError::DuplicateUvci { state }),
-                    None => Err(LedgerError::Database("constraint violation on insert".into())),
+                    None => Err(LedgerError::Database(
+                        "constraint violation on insert".into(),
+                    )),
                 }
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn complete(&self, id: ReservationId, signature_hash: &RevocationHash) -> Result<(), LedgerError> {
+    fn complete(
+        &self,
+        id: ReservationId,
+        signature_hash: &RevocationHash,
+    ) -> Result<(), LedgerError> {
         let n = self.conn().execute(
             "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
              WHERE id = ?1 AND state = 'reserved'",
@@ -166,7 +178,10 @@ impl Ledger for SqliteLedger {
         }
     }
 
-    fn find_by_uci_hash(&self, h: &RevocationHash) -> Result<Option<CertificateRecord>, LedgerError> {
+    fn find_by_uci_hash(
+        &self,
+        h: &RevocationHash,
+    ) -> Result<Option<CertificateRecord>, LedgerError> {
         Ok(self
             .conn()
             .query_row(
@@ -226,7 +241,10 @@ mod tests {
             other => panic!("expected duplicate, got {other:?}"),
         }
         l.complete(id, &[9; 16]).unwrap();
-        assert!(matches!(l.complete(id, &[9; 16]), Err(LedgerError::NotReserved(_))));
+        assert!(matches!(
+            l.complete(id, &[9; 16]),
+            Err(LedgerError::NotReserved(_))
+        ));
         match l.reserve(&res(1)) {
             Err(LedgerError::DuplicateUvci { state }) => assert_eq!(state, "signed"),
             other => panic!("expected duplicate, got {other:?}"),
@@ -239,7 +257,13 @@ mod tests {
         let id2 = l.reserve(&res(2)).unwrap();
         l.release(id2).unwrap();
         assert!(l.find_by_uci_hash(&[2; 16]).unwrap().is_none());
-        assert_eq!(l.counts().unwrap(), LedgerCounts { reserved: 0, signed: 1 });
+        assert_eq!(
+            l.counts().unwrap(),
+            LedgerCounts {
+                reserved: 0,
+                signed: 1
+            }
+        );
         l.check_writable().unwrap();
     }
 

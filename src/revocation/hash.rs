@@ -59,7 +59,10 @@ mod tests {
 
     #[test]
     fn country_uci_vector() {
-        assert_eq!(to_base64(&country_uci_hash("SE", UVCI)), "cZP4f4VA8Uqaz1Yo9q6nPA==");
+        assert_eq!(
+            to_base64(&country_uci_hash("SE", UVCI)),
+            "cZP4f4VA8Uqaz1Yo9q6nPA=="
+        );
     }
 
     #[test]
@@ -68,10 +71,16 @@ mod tests {
         for (i, b) in sig.iter_mut().enumerate().take(32) {
             *b = (i + 1) as u8;
         }
-        assert_eq!(to_base64(&signature_hash_es256(&sig)), "riFsLvUkejeCwTXvonmj5A==");
+        assert_eq!(
+            to_base64(&signature_hash_es256(&sig)),
+            "riFsLvUkejeCwTXvonmj5A=="
+        );
         // s does not matter.
         sig[40] = 0xff;
-        assert_eq!(to_base64(&signature_hash_es256(&sig)), "riFsLvUkejeCwTXvonmj5A==");
+        assert_eq!(
+            to_base64(&signature_hash_es256(&sig)),
+            "riFsLvUkejeCwTXvonmj5A=="
+        );
         // PS256 hashes the whole signature.
         assert_ne!(signature_hash_ps256(&sig), signature_hash_es256(&sig));
     }

@@ -1,0 +1,131 @@
+//! Sub-commands. Exit codes: 0 success; 1 operational error (token, ledger, files); 2 rejected
+//! input (every problem is printed with field, rule and code); 3 the certificate is not valid
+//! (`verify`).
+
+mod example;
+mod issue;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use dccsign::config::Config;
+
+/// Exit code for a rejected payload or request.
+pub const EXIT_REJECTED: u8 = 2;
+/// Exit code for a certificate that does not verify.
+pub const EXIT_INVALID: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dccsign",
+    version,
+    about = "Signing back-end for EU digital COVID certificates"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the configuration comes from.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// State directory written by `dev-init` (uses <DIR>/dccsign.toml).
+    #[arg(long, conflicts_with = "config")]
+    pub state_dir: Option<PathBuf>,
+    /// Configuration file.
+    #[arg(long, env = "DCCSIGN_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// Loads the configuration and exports SoftHSM's config location.
+    pub fn load(&self) -> Result<Config, String> {
+        let path = match (&self.config, &self.state_dir) {
+            (Some(c), _) => c.clone(),
+            (None, Some(d)) => d.join("dccsign.toml"),
+            (None, None) => return Err("give --state-dir DIR or --config FILE".into()),
+        };
+        let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+        cfg.export_softhsm_env();
+        Ok(cfg)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a development PKI: SoftHSM token, CSCA, one DSC per type, config. Idempotent.
+    DevInit {
+        /// State directory to create or complete.
+        #[arg(long, default_value = "./var")]
+        state_dir: PathBuf,
+        /// Issuing country (ISO 3166-1 alpha-2).
+        #[arg(long, default_value = "SE")]
+        country: String,
+    },
+    /// Validate and sign one payload; prints the HC1 string.
+    Sign(issue::SignArgs),
+    /// Verify an HC1 string (or a file holding one); prints the payload as JSON.
+    Verify(verify::VerifyArgs),
+    /// Print a valid example payload with fresh dates (fictitious person).
+    ExamplePayload(example::ExampleArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DCCSIGN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the command line.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::DevInit { state_dir, country } => dev_init(&state_dir, &country),
+        Command::Sign(args) => issue::sign(args),
+        Command::Verify(args) => verify::verify(args),
+        Command::ExamplePayload(args) => example::run(args),
+    }
+}
+
+fn dev_init(state_dir: &Path, country: &str) -> ExitCode {
+    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        eprintln!("error: --country must be two upper-case letters");
+        return ExitCode::from(EXIT_REJECTED);
+    }
+    match dccsign::keys::dev_init(state_dir, country) {
+        Ok(report) => {
+            if report.created.is_empty() {
+                println!("development PKI already complete; nothing changed");
+            } else {
+                for c in &report.created {
+                    println!("created {c}");
+                }
+            }
+            println!("config: {}", report.config.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: dev-init: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

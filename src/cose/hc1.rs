@@ -1,0 +1,82 @@
+//! HC1: `"HC1:"` + Base45(zlib(COSE_Sign1)).
+
+use std::io::{Read, Write};
+
+use flate2::read::ZlibDecoder;
+use flate2::write::ZlibEncoder;
+use flate2::Compression;
+
+use super::CoseError;
+
+/// The context identifier of version 1 health certificates.
+pub const PREFIX: &str = "HC1:";
+
+/// Largest inflated size accepted when decoding (a QR code holds < 3 KiB; this bounds a zlib bomb).
+const MAX_INFLATED: u64 = 64 * 1024;
+
+/// Compresses (zlib, best compression: header `78 DA`) — always, even if it grows — then
+/// Base45-encodes and prefixes.
+pub fn encode(cose: &[u8]) -> String {
+    let mut z = ZlibEncoder::new(Vec::with_capacity(cose.len()), Compression::best());
+    // Writing into a Vec cannot fail.
+    let _ = z.write_all(cose);
+    let compressed = z.finish().unwrap_or_default();
+    let mut out = String::with_capacity(PREFIX.len() + compressed.len() * 3 / 2 + 2);
+    out.push_str(PREFIX);
+    out.push_str(&base45::encode(compressed));
+    out
+}
+
+/// Removes the prefix and the Base45 encoding.
+pub fn unprefix_base45(hc1: &str) -> Result<Vec<u8>, CoseError> {
+    let b45 = hc1.strip_prefix(PREFIX).ok_or(CoseError::Prefix)?;
+    base45::decode(b45).map_err(|e| CoseError::Base45(format!("{e:?}")))
+}
+
+/// Inflates a zlib stream (bounded).
+pub fn inflate(compressed: &[u8]) -> Result<Vec<u8>, CoseError> {
+    let mut out = Vec::with_capacity(compressed.len() * 2);
+    ZlibDecoder::new(compressed)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| CoseError::Zlib(e.to_string()))?;
+    if out.len() as u64 > MAX_INFLATED {
+        return Err(CoseError::Zlib(format!(
+            "inflates to more than {MAX_INFLATED} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+/// Strips the prefix, decodes Base45 and inflates: the COSE bytes.
+pub fn decode(hc1: &str) -> Result<Vec<u8>, CoseError> {
+    inflate(&unprefix_base45(hc1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc9285_examples() {
+        assert_eq!(base45::encode("AB"), "BB8");
+        assert_eq!(base45::encode("Hello!!"), "%69 VD92EX0");
+        assert_eq!(base45::encode("base-45"), "UJCLQE7W581");
+        assert_eq!(base45::decode("QED8WEX0").unwrap(), b"ietf!");
+        // Not Base45: a character outside the alphabet, and a dangling single character.
+        assert!(base45::decode("GGW").is_err());
+        assert!(base45::decode("a").is_err());
+    }
+
+    #[test]
+    fn round_trip_and_best_compression_header() {
+        let data = b"\xd2\x84some cose bytes that compress some cose bytes".to_vec();
+        let hc1 = encode(&data);
+        assert!(hc1.starts_with("HC1:"));
+        let z = unprefix_base45(&hc1).unwrap();
+        assert_eq!(&z[..2], &[0x78, 0xda]);
+        assert_eq!(decode(&hc1).unwrap(), data);
+        assert_eq!(decode("HC2:ABC"), Err(CoseError::Prefix));
+        assert!(matches!(decode("HC1:BB8"), Err(CoseError::Zlib(_))));
+    }
+}

@@ -1,0 +1,173 @@
+//! Verification of a health certificate against a trust store: signature, validity period and
+//! key usage are checked and reported separately (the official test vectors expect each
+//! result on its own).
+
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::cwt::DecodedClaims;
+use super::sign1::{self, Algorithm};
+use super::trust::{PublicKey, TrustStore, TrustedDsc};
+use super::{cbor_json, hc1, CoseError};
+use crate::dcc::CertType;
+
+/// Why a check failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyFailure {
+    /// No kid in the headers.
+    #[error("no kid in the COSE headers")]
+    NoKid,
+    /// No trusted DSC has this kid.
+    #[error("no trusted DSC with kid {0}")]
+    UnknownKid(String),
+    /// The algorithm is neither ES256 nor PS256, or does not fit the DSC's key.
+    #[error("unsupported or mismatching algorithm")]
+    UnsupportedAlgorithm,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// A claim needed for the check is missing.
+    #[error("claim {0} missing")]
+    MissingClaim(&'static str),
+    /// The certificate has expired (at > exp).
+    #[error("expired")]
+    Expired,
+    /// The certificate is not valid yet (at < iat).
+    #[error("not valid yet")]
+    NotYetValid,
+    /// The payload holds no single recognisable statement (v, t or r).
+    #[error("payload has no single v/t/r statement")]
+    NoStatement,
+    /// The DSC's extended key usage does not allow the statement's type.
+    #[error("the DSC may not sign {0} certificates")]
+    WrongKeyUsage(CertType),
+}
+
+/// The outcome of verification; each check on its own.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// kid from the headers.
+    pub kid: Option<Vec<u8>>,
+    /// `iss` claim.
+    pub iss: Option<String>,
+    /// `iat` claim.
+    pub iat: Option<i64>,
+    /// `exp` claim.
+    pub exp: Option<i64>,
+    /// The statement type found in the payload.
+    pub cert_type: Option<CertType>,
+    /// The DCC as JSON.
+    pub payload: serde_json::Value,
+    /// Signature with the trusted DSC of that kid.
+    pub signature: Result<(), VerifyFailure>,
+    /// `iat ≤ at ≤ exp` (the official vectors treat the expiry second itself as valid).
+    pub expiration: Result<(), VerifyFailure>,
+    /// The DSC's extended key usage allows the statement type.
+    pub key_usage: Result<(), VerifyFailure>,
+}
+
+impl Report {
+    /// All three checks passed.
+    pub fn is_valid(&self) -> bool {
+        self.signature.is_ok() && self.expiration.is_ok() && self.key_usage.is_ok()
+    }
+}
+
+fn check_signature(
+    dsc: &TrustedDsc,
+    alg: Option<Algorithm>,
+    protected: &[u8],
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), VerifyFailure> {
+    let tbs = sign1::sig_structure_raw(protected, payload);
+    match (&dsc.public_key, alg) {
+        (PublicKey::P256(pk), Some(Algorithm::Es256)) => {
+            let sig = p256::ecdsa::Signature::from_slice(signature)
+                .map_err(|_| VerifyFailure::BadSignature)?;
+            let digest = Sha256::digest(&tbs);
+            p256::ecdsa::VerifyingKey::from(pk)
+                .verify_prehash(&digest, &sig)
+                .map_err(|_| VerifyFailure::BadSignature)
+        }
+        (PublicKey::Rsa(pk), Some(Algorithm::Ps256)) => {
+            let digest = Sha256::digest(&tbs);
+            pk.verify(rsa::Pss::new_with_salt::<Sha256>(32), &digest, signature)
+                .map_err(|_| VerifyFailure::BadSignature)
+        }
+        _ => Err(VerifyFailure::UnsupportedAlgorithm),
+    }
+}
+
+fn statement_type(payload: &serde_json::Value) -> Option<CertType> {
+    let obj = payload.as_object()?;
+    let found: Vec<CertType> = ["v", "t", "r"]
+        .iter()
+        .filter(|k| {
+            obj.get(**k)
+                .and_then(|a| a.as_array())
+                .is_some_and(|a| !a.is_empty())
+        })
+        .filter_map(|k| CertType::from_payload_key(k))
+        .collect();
+    match found.as_slice() {
+        [t] => Some(*t),
+        _ => None,
+    }
+}
+
+/// Verifies COSE bytes. `Err` only for input that cannot be decoded at all.
+pub fn verify_cose(
+    cose: &[u8],
+    trust: &TrustStore,
+    at: OffsetDateTime,
+) -> Result<Report, CoseError> {
+    let msg = sign1::parse(cose)?;
+    let claims = DecodedClaims::from_cbor_bytes(&msg.payload)?;
+    let payload = claims
+        .dcc
+        .as_ref()
+        .map(cbor_json::to_json)
+        .unwrap_or(serde_json::Value::Null);
+    let cert_type = statement_type(&payload);
+    let dsc = match &msg.kid {
+        None => Err(VerifyFailure::NoKid),
+        Some(k) => trust
+            .get(k)
+            .ok_or_else(|| VerifyFailure::UnknownKid(hex::encode(k))),
+    };
+    let signature = dsc
+        .clone()
+        .and_then(|d| check_signature(d, msg.alg, &msg.protected, &msg.payload, &msg.signature));
+    let now = at.unix_timestamp();
+    let expiration = match (claims.iat, claims.exp) {
+        (_, None) => Err(VerifyFailure::MissingClaim("exp")),
+        (None, _) => Err(VerifyFailure::MissingClaim("iat")),
+        (Some(_), Some(exp)) if now > exp => Err(VerifyFailure::Expired),
+        (Some(iat), Some(_)) if now < iat => Err(VerifyFailure::NotYetValid),
+        _ => Ok(()),
+    };
+    let key_usage = dsc.and_then(|d| match cert_type {
+        None => Err(VerifyFailure::NoStatement),
+        Some(t) if d.allows(t) => Ok(()),
+        Some(t) => Err(VerifyFailure::WrongKeyUsage(t)),
+    });
+    Ok(Report {
+        kid: msg.kid,
+        iss: claims.iss,
+        iat: claims.iat,
+        exp: claims.exp,
+        cert_type,
+        payload,
+        signature,
+        expiration,
+        key_usage,
+    })
+}
+
+/// Decodes an `HC1:` string and verifies it.
+pub fn verify_hc1(text: &str, trust: &TrustStore, at: OffsetDateTime) -> Result<Report, CoseError> {
+    verify_cose(&hc1::decode(text)?, trust, at)
+}

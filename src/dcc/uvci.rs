@@ -1,0 +1,146 @@
+//! Unique vaccination certificate identifiers (UVCI, the `ci` field): syntax, generation and
+//! the Luhn mod 38 check character (eHN guidelines Annex 2).
+
+use rand::Rng;
+
+use super::rules::Rule;
+
+/// The check-character alphabet, in code order.
+pub const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/:";
+
+const OPAQUE_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const OPAQUE_LEN: usize = 16;
+
+/// The Luhn mod N (N = 38) check character over the whole string, `URN:UVCI:` included.
+/// `None` if a character is outside [`ALPHABET`].
+pub fn luhn_mod38(input: &str) -> Option<char> {
+    let n = ALPHABET.len() as u32;
+    let mut factor = 2;
+    let mut sum = 0;
+    for c in input.chars().rev() {
+        let code = ALPHABET.find(c)? as u32;
+        let mut addend = factor * code;
+        factor = if factor == 2 { 1 } else { 2 };
+        addend = addend / n + addend % n;
+        sum += addend;
+    }
+    let check = (n - sum % n) % n;
+    ALPHABET.chars().nth(check as usize)
+}
+
+/// A new UVCI: `URN:UVCI:01:<CC>:<prefix>/<16 random A-Z0-9>#<check>`.
+pub fn generate(country: &str, issuer_prefix: &str, rng: &mut impl rand::RngCore) -> String {
+    let opaque: String = (0..OPAQUE_LEN)
+        .map(|_| OPAQUE_CHARS[rng.gen_range(0..OPAQUE_CHARS.len())] as char)
+        .collect();
+    let body = format!("URN:UVCI:01:{country}:{issuer_prefix}/{opaque}");
+    match luhn_mod38(&body) {
+        Some(c) => format!("{body}#{c}"),
+        None => body,
+    }
+}
+
+/// Checks UVCI syntax: optional `URN:UVCI:` prefix, version `01`, a two-letter country, a
+/// non-empty body of `A-Z 0-9 / :`, an optional `#` and one check character; at most 80
+/// characters. The check character is not verified (countries disagree on it in practice).
+/// With `issuer_country`, the country must match.
+pub fn check_syntax(ci: &str, issuer_country: Option<&str>) -> Result<(), (Rule, String)> {
+    let fmt = |m: &str| Err((Rule::UvciFormat, m.to_string()));
+    if ci.chars().count() > 80 {
+        return Err((Rule::TooLong, "must be at most 80 characters".into()));
+    }
+    let rest = ci.strip_prefix("URN:UVCI:").unwrap_or(ci);
+    let Some(rest) = rest.strip_prefix("01:") else {
+        return fmt("must start with URN:UVCI:01: (version 01)");
+    };
+    let (country, body) = match rest.split_once(':') {
+        Some(x) => x,
+        None => return fmt("must have the form URN:UVCI:01:<country>:<identifier>"),
+    };
+    if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+        return fmt("the country part must be two upper-case letters");
+    }
+    let body = match body.split_once('#') {
+        Some((b, check)) => {
+            if check.chars().count() != 1 || !ALPHABET.contains(check) {
+                return fmt("after '#' must come exactly one check character of A-Z 0-9 / :");
+            }
+            b
+        }
+        None => body,
+    };
+    if body.is_empty() {
+        return fmt("the identifier part is empty");
+    }
+    if !body
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'/' || b == b':')
+    {
+        return fmt("only A-Z, 0-9, '/' and ':' are allowed (and '#' before the check character)");
+    }
+    if let Some(cc) = issuer_country {
+        if country != cc {
+            return Err((
+                Rule::UvciCountry,
+                "the UVCI's country is not the issuing country".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luhn_vector() {
+        assert_eq!(luhn_mod38("URN:UVCI:01:NL:187/37512422923"), Some('Z'));
+        assert_eq!(luhn_mod38("urn"), None);
+    }
+
+    #[test]
+    fn generated_are_valid_short_and_unique() {
+        let mut rng = rand::thread_rng();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let u = generate("SE", "DEV", &mut rng);
+            assert!(u.len() <= 60, "{u}");
+            check_syntax(&u, Some("SE")).unwrap();
+            let (body, check) = u.split_once('#').unwrap();
+            assert_eq!(luhn_mod38(body).unwrap().to_string(), check);
+            assert!(seen.insert(u));
+        }
+    }
+
+    #[test]
+    fn syntax() {
+        assert!(check_syntax("URN:UVCI:01:SE:EHM/TARN89875439877", Some("SE")).is_ok());
+        assert!(check_syntax("01:NL:DADFCC47C7334E45A906DB12FD859FB7", None).is_ok());
+        assert!(check_syntax("URN:UVCI:01:SE:ABC#Q", None).is_ok());
+        assert_eq!(
+            check_syntax("URN:UVCI:01:NL:ABC", Some("SE"))
+                .unwrap_err()
+                .0,
+            Rule::UvciCountry
+        );
+        assert_eq!(
+            check_syntax("URN:UVCI:02:SE:ABC", None).unwrap_err().0,
+            Rule::UvciFormat
+        );
+        assert_eq!(
+            check_syntax("URN:UVCI:01:SE:abc", None).unwrap_err().0,
+            Rule::UvciFormat
+        );
+        assert_eq!(
+            check_syntax("URN:UVCI:01:SE:", None).unwrap_err().0,
+            Rule::UvciFormat
+        );
+        assert_eq!(
+            check_syntax("URN:UVCI:01:SE:A#", None).unwrap_err().0,
+            Rule::UvciFormat
+        );
+        let long = format!("URN:UVCI:01:SE:{}", "A".repeat(70));
+        assert_eq!(check_syntax(&long, None).unwrap_err().0, Rule::TooLong);
+    }
+}

@@ -1,0 +1,332 @@
+//! End to end through the real binary: dev-init, sign every type, verify with our verifier and
+//! with the independent `dgc` crate, and every refusal with its field and code — against a real
+//! SoftHSM token, one state directory per test.
+
+mod common;
+
+use base64::Engine;
+use common::{pem_der, stderr, stdout, Dev};
+use serde_json::json;
+
+fn verify_with_dgc(hc1: &str, dsc_der: &[u8]) -> dgc::SignatureValidity {
+    let mut trust = dgc::TrustList::default();
+    trust
+        .add_key_from_certificate(&base64::engine::general_purpose::STANDARD.encode(dsc_der))
+        .expect("dgc accepts our DSC certificate");
+    let (_container, validity) = dgc::validate(hc1, &trust).expect("dgc decodes our HC1");
+    validity
+}
+
+#[test]
+fn dev_init_is_idempotent() {
+    let dev = Dev::new();
+    let before: Vec<(String, Vec<u8>)> = [
+        "pki/csca.pem",
+        "pki/dsc-test.pem",
+        "dccsign.toml",
+        "secrets/user.pin",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read(dev.file(f)).unwrap()))
+    .collect();
+    let out = dev.run(&["dev-init", "--state-dir", dev.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("nothing changed"), "{}", stdout(&out));
+    for (f, bytes) in before {
+        assert_eq!(std::fs::read(dev.file(&f)).unwrap(), bytes, "{f} changed");
+    }
+    // The PIN files are private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dev.file("secrets/user.pin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn every_type_signs_and_verifies_with_ours_and_dgc() {
+    let dev = Dev::new();
+    for t in ["test", "vaccination", "recovery"] {
+        let payload = dev.example(t);
+        let hc1 = dev.sign_ok(t, &payload);
+
+        // Ours.
+        let out = dev.run(&["verify", "--trust", dev.dsc_pem(t).to_str().unwrap(), &hc1]);
+        assert!(
+            out.status.success(),
+            "{t}: our verify failed: {}",
+            stderr(&out)
+        );
+        let decoded: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(decoded["nam"], payload["nam"]);
+        let key = &t[..1];
+        assert_eq!(decoded[key][0]["tg"], "840539006");
+        let ci = decoded[key][0]["ci"].as_str().unwrap();
+        assert!(ci.starts_with("URN:UVCI:01:SE:DEV/"), "{ci}");
+
+        // Independent.
+        let der = pem_der(&dev.dsc_pem(t));
+        assert!(
+            matches!(verify_with_dgc(&hc1, &der), dgc::SignatureValidity::Valid),
+            "{t}: dgc rejected our signature"
+        );
+        // And with another type's DSC the signature must not verify (dgc and ours).
+        let other = if t == "test" { "vaccination" } else { "test" };
+        let other_der = pem_der(&dev.dsc_pem(other));
+        assert!(!matches!(
+            verify_with_dgc(&hc1, &other_der),
+            dgc::SignatureValidity::Valid
+        ));
+        let out = dev.run(&[
+            "verify",
+            "--trust",
+            dev.dsc_pem(other).to_str().unwrap(),
+            &hc1,
+        ]);
+        assert_eq!(out.status.code(), Some(3));
+    }
+    assert_eq!(dev.ledger_counts(), (0, 3));
+}
+
+#[test]
+fn qr_outputs_are_written() {
+    let dev = Dev::new();
+    let p = dev.file("v.json");
+    std::fs::write(&p, serde_json::to_vec(&dev.example("vaccination")).unwrap()).unwrap();
+    let png = dev.file("v.png");
+    let svg = dev.file("v.svg");
+    let out = dev.run(&[
+        "sign",
+        "--state-dir",
+        dev.path().to_str().unwrap(),
+        "--type",
+        "vaccination",
+        "--payload",
+        p.to_str().unwrap(),
+        "--qr",
+        png.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let png = std::fs::read(png).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.contains("<svg"));
+}
+
+/// Signs a mutated example and expects a refusal naming `path` and `rule`, with nothing in the
+/// ledger.
+fn expect_refusal(dev: &Dev, t: &str, payload: serde_json::Value, path: &str, rule: &str) {
+    let before = dev.ledger_counts();
+    let out = dev.sign(t, &payload);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected refusal for {rule}: {err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{path}:")) && l.contains(rule))
+        .unwrap_or_else(|| panic!("no line for {path} / {rule} in:\n{err}"));
+    assert!(line.contains("[2-60-1001"), "no 2-60-1001 code in {line}");
+    assert!(stdout(&out).is_empty(), "a refusal printed a certificate");
+    assert_eq!(
+        dev.ledger_counts(),
+        before,
+        "the ledger changed on a refusal"
+    );
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+#[test]
+fn refusals_name_field_and_rule_and_write_nothing() {
+    let dev = Dev::new();
+    let now = time::OffsetDateTime::now_utc();
+    let test = dev.example("test");
+
+    let mut p = test.clone();
+    p["t"][0]["tr"] = json!("260373001");
+    expect_refusal(&dev, "test", p, "t[0].tr", "test-result-not-negative");
+
+    let mut p = test.clone();
+    p["t"][0]["sc"] = json!(rfc3339(now - time::Duration::days(8)));
+    expect_refusal(&dev, "test", p, "t[0].sc", "sample-too-old");
+
+    let mut p = test.clone();
+    p["t"][0]["sc"] = json!(rfc3339(now + time::Duration::hours(1)));
+    expect_refusal(&dev, "test", p, "t[0].sc", "sample-in-future");
+
+    let mut p = test.clone();
+    let sc =
+        (now - time::Duration::hours(1)).to_offset(time::UtcOffset::from_hms(1, 0, 0).unwrap());
+    p["t"][0]["sc"] = json!(format!(
+        "{}+0100",
+        sc.format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second]"
+        ))
+        .unwrap()
+    ));
+    expect_refusal(&dev, "test", p, "t[0].sc", "date-time-format");
+
+    let mut p = test.clone();
+    p["t"][0]["tt"] = json!("LP1234-5");
+    expect_refusal(&dev, "test", p, "t[0].tt", "value-set");
+
+    let mut p = test.clone();
+    p["t"][0]["ma"] = json!("999999");
+    expect_refusal(&dev, "test", p, "t[0].ma", "value-set");
+
+    let mut p = test.clone();
+    p.as_object_mut().unwrap().remove("nam");
+    expect_refusal(&dev, "test", p, "nam", "required");
+
+    let mut p = test.clone();
+    p["v"] = dev.example("vaccination")["v"].clone();
+    expect_refusal(&dev, "test", p, "$", "exactly-one-statement");
+}
+
+#[test]
+fn duplicate_uvci_is_refused_and_recorded_once() {
+    let dev = Dev::new();
+    let uvci = "URN:UVCI:01:SE:DEV/DUPLICATE0001";
+    let mut p = dev.example("vaccination");
+    p["v"][0]["ci"] = json!(uvci);
+    dev.sign_ok("vaccination", &p);
+    assert_eq!(dev.ledger_counts(), (0, 1));
+    let out = dev.sign("vaccination", &p);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("2-60-1001-91"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    assert_eq!(dev.ledger_counts(), (0, 1));
+}
+
+#[test]
+fn wrong_pin_fails_and_is_not_retried() {
+    let dev = Dev::new();
+    std::fs::write(dev.file("secrets/user.pin"), "definitely-wrong\n").unwrap();
+    let out = dev.sign("test", &dev.example("test"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("refused the user PIN"), "{err}");
+    assert!(err.contains("not retried"), "{err}");
+}
+
+#[test]
+fn world_readable_pin_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dev = Dev::new();
+    std::fs::set_permissions(
+        dev.file("secrets/user.pin"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let out = dev.sign("test", &dev.example("test"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_dsc_is_never_used_for_a_type_its_eku_excludes() {
+    let dev = Dev::new();
+    let cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
+    // Point the vaccination signer at the test-only DSC.
+    let cfg = cfg.replace(
+        "label = \"dsc-vaccination\"\ncertificate = \"pki/dsc-vaccination.pem\"",
+        "label = \"dsc-test\"\ncertificate = \"pki/dsc-test.pem\"",
+    );
+    std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
+    let out = dev.sign("vaccination", &dev.example("vaccination"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("extended key usage does not allow vaccination"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(dev.ledger_counts(), (0, 0));
+}
+
+#[test]
+fn ledger_and_logs_hold_no_personal_data() {
+    let dev = Dev::new();
+    let mut p = dev.example("test");
+    p["nam"] =
+        json!({"fn": "Zzmarkerzz", "fnt": "ZZMARKERZZ", "gn": "Qqmarkerqq", "gnt": "QQMARKERQQ"});
+    p["dob"] = json!("1931-07-13");
+    let out = dev.sign("test", &p);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A rejected one too (error messages must not echo values).
+    let mut bad = p.clone();
+    bad["nam"]["fnt"] = json!("ZZMARKERZZ lower");
+    let out_bad = dev.sign("test", &bad);
+    assert_eq!(out_bad.status.code(), Some(2));
+    let logs = format!("{}{}", stderr(&out), stderr(&out_bad));
+    for needle in [
+        "ZZMARKERZZ",
+        "Zzmarkerzz",
+        "QQMARKERQQ",
+        "Qqmarkerqq",
+        "1931-07-13",
+    ] {
+        assert!(!logs.contains(needle), "{needle} in logs: {logs}");
+        for f in ["ledger.sqlite", "ledger.sqlite-wal"] {
+            let path = dev.file(f);
+            if path.exists() {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{needle} found in {f}"
+                );
+            }
+        }
+    }
+    assert_eq!(dev.ledger_counts(), (0, 1));
+}
+
+#[test]
+fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
+    // OpenSC's pkcs11-tool reads the key attributes from the token (our own check of CKA_VALUE
+    // is in tests/hsm.rs).
+    let dev = Dev::new();
+    let pin = std::fs::read_to_string(dev.file("secrets/user.pin")).unwrap();
+    let list = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", dev.file("softhsm2.conf"))
+        .args([
+            "--module",
+            dccsign::hsm::SOFTHSM_MODULE,
+            "--token-label",
+            "dccsign-dev",
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--list-objects",
+            "--type",
+            "privkey",
+        ])
+        .output()
+        .expect("pkcs11-tool missing: run .ci/deps");
+    let listing = stdout(&list);
+    let mut keys = 0;
+    for block in listing.split("Private Key Object").skip(1) {
+        keys += 1;
+        assert!(
+            block.contains("Usage:      sign\n"),
+            "key usable for more than signing:\n{block}"
+        );
+        assert!(block.contains("always sensitive"), "{block}");
+        assert!(block.contains("never extractable"), "{block}");
+        assert!(
+            block.contains("local"),
+            "key not generated on the token:\n{block}"
+        );
+    }
+    assert_eq!(keys, 4, "expected CSCA + 3 DSC keys:\n{listing}");
+}

@@ -1,0 +1,124 @@
+//! Shared helpers for end-to-end tests: a development state directory per test (its own
+//! SoftHSM token), and running the real `dccsign` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A state directory created by `dccsign dev-init`.
+pub struct Dev {
+    pub dir: tempfile::TempDir,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dccsign")
+}
+
+impl Dev {
+    pub fn new() -> Dev {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let d = Dev { dir };
+        let out = d.run(&["dev-init", "--state-dir", d.path().to_str().unwrap()]);
+        assert!(out.status.success(), "dev-init failed: {}", stderr(&out));
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs dccsign with `args` (SOFTHSM2_CONF comes from the state dir's config).
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(args)
+            .env_remove("SOFTHSM2_CONF")
+            .env_remove("DCCSIGN_CONFIG")
+            .output()
+            .unwrap()
+    }
+
+    /// A fresh valid example payload of type `t`.
+    pub fn example(&self, t: &str) -> serde_json::Value {
+        let out = self.run(&["example-payload", "--type", t]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Writes `payload` to a file and runs `sign`.
+    pub fn sign(&self, t: &str, payload: &serde_json::Value) -> Output {
+        let name = format!("payload-{}.json", rand_suffix());
+        let p = self.file(&name);
+        std::fs::write(&p, serde_json::to_vec_pretty(payload).unwrap()).unwrap();
+        self.run(&[
+            "sign",
+            "--state-dir",
+            self.path().to_str().unwrap(),
+            "--type",
+            t,
+            "--payload",
+            p.to_str().unwrap(),
+        ])
+    }
+
+    /// Signs and returns the HC1, asserting success.
+    pub fn sign_ok(&self, t: &str, payload: &serde_json::Value) -> String {
+        let out = self.sign(t, payload);
+        assert!(out.status.success(), "sign failed: {}", stderr(&out));
+        let hc1 = stdout(&out).trim().to_string();
+        assert!(hc1.starts_with("HC1:"), "{hc1}");
+        hc1
+    }
+
+    /// Ledger row counts (reserved, signed).
+    pub fn ledger_counts(&self) -> (u64, u64) {
+        let p = self.file("ledger.sqlite");
+        if !p.exists() {
+            return (0, 0);
+        }
+        use dccsign::ledger::Ledger;
+        let l = dccsign::ledger::SqliteLedger::open(&p).unwrap();
+        let c = l.counts().unwrap();
+        (c.reserved, c.signed)
+    }
+
+    pub fn dsc_pem(&self, t: &str) -> PathBuf {
+        self.file(&format!("pki/dsc-{t}.pem"))
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn rand_suffix() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn pem_der(path: &Path) -> Vec<u8> {
+    use der::{DecodePem, Encode};
+    let text = std::fs::read_to_string(path).unwrap();
+    x509_cert::Certificate::from_pem(text.as_bytes())
+        .unwrap()
+        .to_der()
+        .unwrap()
+}
+
+/// `shared/` beside the project (CI), or /work/shared.
+pub fn shared_dir() -> PathBuf {
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    if beside.exists() {
+        beside
+    } else {
+        PathBuf::from("/work/shared")
+    }
+}
