@@ -110,6 +110,14 @@ fn qr_outputs_are_written() {
         svg.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let hc1 = stdout(&out).trim().to_string();
+    // An independent decoder (ZBar) reads the HC1 back from the PNG.
+    let zbar = std::process::Command::new("zbarimg")
+        .args(["--quiet", "--raw", png.to_str().unwrap()])
+        .output()
+        .expect("zbarimg missing: run .ci/deps");
+    assert!(zbar.status.success(), "{}", stderr(&zbar));
+    assert_eq!(stdout(&zbar).trim(), hc1);
     let png = std::fs::read(png).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let svg = std::fs::read_to_string(svg).unwrap();

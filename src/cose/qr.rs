@@ -61,3 +61,20 @@ pub fn svg(hc1: &str) -> Result<String, CoseError> {
         .min_dimensions(256, 256)
         .build())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alphanumeric_mode_keeps_the_version_small() {
+        // 550 characters of HC1 text: alphanumeric mode at ECC Q fits in version 18; byte mode
+        // would need version 22 or more.
+        let hc1 = format!("HC1:{}", "NCFOXN%TSMAHN-H".repeat(37));
+        let v = version(&hc1[..550]).unwrap();
+        assert!((14..=18).contains(&v), "version {v}");
+        let png = png(&hc1[..550]).unwrap();
+        assert_eq!(&png[..4], b"\x89PNG");
+        assert!(svg("HC1:ABC").unwrap().starts_with("<?xml"));
+    }
+}

@@ -1,0 +1,174 @@
+//! The issuance pipeline in-process against a real SoftHSM token: what the ledger records, and
+//! the record-before-sign invariant when the ledger fails. (One token per test process.)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dccsign::config::Config;
+use dccsign::dcc::CertType;
+use dccsign::hsm::Token;
+use dccsign::issuance::{IssueError, Issuer, IssuerSettings, Payload};
+use dccsign::keys::DscSet;
+use dccsign::ledger::{
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, Reservation, ReservationId, SqliteLedger,
+};
+use dccsign::revocation::hash::RevocationHash;
+use sha2::{Digest, Sha256};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    token: Token,
+}
+
+fn env() -> &'static Env {
+    static E: OnceLock<Env> = OnceLock::new();
+    E.get_or_init(|| {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let report = dccsign::keys::dev_init(dir.path(), "SE").unwrap();
+        let cfg = Config::load(&report.config).unwrap();
+        let token = Token::open(&cfg.token_settings()).unwrap();
+        Env { _dir: dir, cfg, token }
+    })
+}
+
+/// A real SQLite ledger that can be told to fail (a disk-full or I/O error stand-in).
+struct FlakyLedger {
+    inner: SqliteLedger,
+    fail_reserve: AtomicBool,
+    fail_complete: AtomicBool,
+}
+
+impl Ledger for FlakyLedger {
+    fn reserve(&self, r: &Reservation) -> Result<ReservationId, LedgerError> {
+        if self.fail_reserve.load(Ordering::SeqCst) {
+            return Err(LedgerError::Database("injected: disk I/O error".into()));
+        }
+        self.inner.reserve(r)
+    }
+    fn complete(&self, id: ReservationId, h: &RevocationHash) -> Result<(), LedgerError> {
+        if self.fail_complete.load(Ordering::SeqCst) {
+            return Err(LedgerError::Database("injected: disk I/O error".into()));
+        }
+        self.inner.complete(id, h)
+    }
+    fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
+        self.inner.release(id)
+    }
+    fn find_by_uci_hash(&self, h: &RevocationHash) -> Result<Option<CertificateRecord>, LedgerError> {
+        self.inner.find_by_uci_hash(h)
+    }
+    fn counts(&self) -> Result<LedgerCounts, LedgerError> {
+        self.inner.counts()
+    }
+    fn check_writable(&self) -> Result<(), LedgerError> {
+        self.inner.check_writable()
+    }
+}
+
+fn issuer(ledger: Arc<dyn Ledger>) -> Issuer {
+    let e = env();
+    let now = time::OffsetDateTime::now_utc();
+    let dscs = DscSet::load(&e.cfg, &e.token, now).unwrap();
+    let pool = e.token.signing_pool(2, 16).unwrap();
+    Issuer::new(IssuerSettings::from_config(&e.cfg), &dscs, pool, ledger)
+}
+
+fn vaccination(ci: Option<&str>) -> Vec<u8> {
+    let now = time::OffsetDateTime::now_utc();
+    let mut v = serde_json::json!({
+        "ver": "1.3.0",
+        "nam": {"fnt": "TESTSSON", "gnt": "TEST"},
+        "dob": "1980-01-01",
+        "v": [{"tg": "840539006", "vp": "J07BX03", "mp": "EU/1/20/1528", "ma": "ORG-100030215",
+               "dn": 1, "sd": 2, "dt": (now - time::Duration::days(3)).date().to_string(), "co": "SE", "is": "I"}]
+    });
+    if let Some(ci) = ci {
+        v["v"][0]["ci"] = serde_json::json!(ci);
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn flaky() -> Arc<FlakyLedger> {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    Arc::new(FlakyLedger {
+        inner: SqliteLedger::open(&dir.join("ledger.sqlite")).unwrap(),
+        fail_reserve: AtomicBool::new(false),
+        fail_complete: AtomicBool::new(false),
+    })
+}
+
+#[test]
+fn the_ledger_records_hashes_that_match_the_certificate() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let issued = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(None)), now).unwrap();
+
+    // Independently from the COSE bytes: the signature is the last 64 bytes (bstr of 64).
+    let sig = &issued.cose[issued.cose.len() - 64..];
+    let r_hash: [u8; 16] = Sha256::digest(&sig[..32])[..16].try_into().unwrap();
+    let uci_hash: [u8; 16] = Sha256::digest(issued.uvci.as_bytes())[..16].try_into().unwrap();
+    let cc_hash: [u8; 16] = Sha256::digest(format!("SE{}", issued.uvci).as_bytes())[..16].try_into().unwrap();
+
+    let rec = ledger.find_by_uci_hash(&uci_hash).unwrap().expect("row for the UVCI");
+    assert_eq!(rec.state, "signed");
+    assert_eq!(rec.signature_hash, Some(r_hash));
+    assert_eq!(rec.country_uci_hash, cc_hash);
+    assert_eq!(rec.kid, issued.kid);
+    assert_eq!(rec.cert_type, CertType::Vaccination);
+    assert_eq!((rec.iat, rec.exp), (issued.iat, issued.exp));
+    // The kid is the vaccination DSC's.
+    let dsc = iss.dsc_for(CertType::Vaccination).unwrap();
+    assert_eq!(issued.kid, dccsign::cose::kid::kid(&dsc.dsc.cert_der));
+}
+
+#[test]
+fn a_failed_reservation_means_no_signature() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    ledger.fail_reserve.store(true, Ordering::SeqCst);
+    let now = time::OffsetDateTime::now_utc();
+    let err = iss
+        .issue(CertType::Vaccination, Payload::Json(&vaccination(Some("URN:UVCI:01:SE:DEV/RESERVEFAIL1"))), now)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::Ledger(_)), "{err}");
+    assert_eq!(err.code(), "2-60-5004");
+    assert!(!err.is_client_error());
+    assert_eq!(ledger.counts().unwrap(), LedgerCounts::default());
+}
+
+#[test]
+fn a_failed_completion_returns_no_certificate_and_keeps_the_reservation() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    ledger.fail_complete.store(true, Ordering::SeqCst);
+    let ci = "URN:UVCI:01:SE:DEV/COMPLETEFAIL1";
+    let now = time::OffsetDateTime::now_utc();
+    let err = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(Some(ci))), now).unwrap_err();
+    assert!(matches!(err, IssueError::Ledger(_)), "{err}");
+    // The durable reservation records that a signature may exist; the UVCI stays blocked.
+    assert_eq!(ledger.counts().unwrap(), LedgerCounts { reserved: 1, signed: 0 });
+    ledger.fail_complete.store(false, Ordering::SeqCst);
+    let again = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(Some(ci))), now).unwrap_err();
+    assert!(matches!(again, IssueError::DuplicateUvci), "{again}");
+}
+
+#[test]
+fn cbor_payloads_sign_like_json() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let json: serde_json::Value = serde_json::from_slice(&vaccination(None)).unwrap();
+    let d = dccsign::dcc::validate(&json, None, &dccsign::dcc::Policy::default(), now).unwrap();
+    let issued = iss.issue(CertType::Vaccination, Payload::Cbor(&d.to_cbor_bytes()), now).unwrap();
+    let mut trust = dccsign::cose::TrustStore::new();
+    trust.add_der(&iss.dsc_for(CertType::Vaccination).unwrap().dsc.cert_der).unwrap();
+    let report = dccsign::cose::verify_hc1(&issued.hc1, &trust, now).unwrap();
+    assert!(report.is_valid(), "{report:?}");
+    assert_eq!(report.payload["nam"]["fnt"], "TESTSSON");
+    // Wrong type requested: refused before anything is recorded.
+    let err = iss.issue(CertType::Test, Payload::Cbor(&d.to_cbor_bytes()), now).unwrap_err();
+    assert!(err.is_client_error());
+    assert_eq!(ledger.counts().unwrap().signed, 1);
+}
