@@ -170,8 +170,9 @@ fn default_recovery_days() -> u32 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DscConfig {
-    /// `CKA_LABEL` of the private key on the token.
-    pub label: String,
+    /// The private key on the token: an RFC 7512 URI
+    /// (`pkcs11:token=…;object=<label>[;id=…];type=private`) or a bare `CKA_LABEL`.
+    pub key: String,
     /// PEM file with the DSC certificate.
     pub certificate: PathBuf,
     /// Certificate types this DSC signs.

@@ -248,8 +248,12 @@ fn a_dsc_is_never_used_for_a_type_its_eku_excludes() {
     let cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
     // Point the vaccination signer at the test-only DSC.
     let cfg = cfg.replace(
-        "label = \"dsc-vaccination\"\ncertificate = \"pki/dsc-vaccination.pem\"",
-        "label = \"dsc-test\"\ncertificate = \"pki/dsc-test.pem\"",
+        "object=dsc-vaccination;type=private\"\ncertificate = \"pki/dsc-vaccination.pem\"",
+        "object=dsc-test;type=private\"\ncertificate = \"pki/dsc-test.pem\"",
+    );
+    assert!(
+        cfg.matches("object=dsc-test;").count() == 2,
+        "replacement failed:\n{cfg}"
     );
     std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
     let out = dev.sign("vaccination", &dev.example("vaccination"));
@@ -337,4 +341,22 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
         );
     }
     assert_eq!(keys, 4, "expected CSCA + 3 DSC keys:\n{listing}");
+}
+
+#[test]
+fn a_key_uri_for_another_token_is_refused() {
+    let dev = Dev::new();
+    let cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
+    let cfg = cfg.replace(
+        "pkcs11:token=dccsign-dev;object=dsc-test;",
+        "pkcs11:token=elsewhere;object=dsc-test;",
+    );
+    std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
+    let out = dev.sign("test", &dev.example("test"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the URI names token \"elsewhere\""),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -28,7 +28,11 @@ fn env() -> &'static Env {
         let report = dccsign::keys::dev_init(dir.path(), "SE").unwrap();
         let cfg = Config::load(&report.config).unwrap();
         let token = Token::open(&cfg.token_settings()).unwrap();
-        Env { _dir: dir, cfg, token }
+        Env {
+            _dir: dir,
+            cfg,
+            token,
+        }
     })
 }
 
@@ -55,7 +59,10 @@ impl Ledger for FlakyLedger {
     fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
         self.inner.release(id)
     }
-    fn find_by_uci_hash(&self, h: &RevocationHash) -> Result<Option<CertificateRecord>, LedgerError> {
+    fn find_by_uci_hash(
+        &self,
+        h: &RevocationHash,
+    ) -> Result<Option<CertificateRecord>, LedgerError> {
         self.inner.find_by_uci_hash(h)
     }
     fn counts(&self) -> Result<LedgerCounts, LedgerError> {
@@ -90,7 +97,9 @@ fn vaccination(ci: Option<&str>) -> Vec<u8> {
 }
 
 fn flaky() -> Arc<FlakyLedger> {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep();
     Arc::new(FlakyLedger {
         inner: SqliteLedger::open(&dir.join("ledger.sqlite")).unwrap(),
         fail_reserve: AtomicBool::new(false),
@@ -103,15 +112,28 @@ fn the_ledger_records_hashes_that_match_the_certificate() {
     let ledger = flaky();
     let iss = issuer(ledger.clone());
     let now = time::OffsetDateTime::now_utc();
-    let issued = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(None)), now).unwrap();
+    let issued = iss
+        .issue(
+            CertType::Vaccination,
+            Payload::Json(&vaccination(None)),
+            now,
+        )
+        .unwrap();
 
     // Independently from the COSE bytes: the signature is the last 64 bytes (bstr of 64).
     let sig = &issued.cose[issued.cose.len() - 64..];
     let r_hash: [u8; 16] = Sha256::digest(&sig[..32])[..16].try_into().unwrap();
-    let uci_hash: [u8; 16] = Sha256::digest(issued.uvci.as_bytes())[..16].try_into().unwrap();
-    let cc_hash: [u8; 16] = Sha256::digest(format!("SE{}", issued.uvci).as_bytes())[..16].try_into().unwrap();
+    let uci_hash: [u8; 16] = Sha256::digest(issued.uvci.as_bytes())[..16]
+        .try_into()
+        .unwrap();
+    let cc_hash: [u8; 16] = Sha256::digest(format!("SE{}", issued.uvci).as_bytes())[..16]
+        .try_into()
+        .unwrap();
 
-    let rec = ledger.find_by_uci_hash(&uci_hash).unwrap().expect("row for the UVCI");
+    let rec = ledger
+        .find_by_uci_hash(&uci_hash)
+        .unwrap()
+        .expect("row for the UVCI");
     assert_eq!(rec.state, "signed");
     assert_eq!(rec.signature_hash, Some(r_hash));
     assert_eq!(rec.country_uci_hash, cc_hash);
@@ -130,7 +152,11 @@ fn a_failed_reservation_means_no_signature() {
     ledger.fail_reserve.store(true, Ordering::SeqCst);
     let now = time::OffsetDateTime::now_utc();
     let err = iss
-        .issue(CertType::Vaccination, Payload::Json(&vaccination(Some("URN:UVCI:01:SE:DEV/RESERVEFAIL1"))), now)
+        .issue(
+            CertType::Vaccination,
+            Payload::Json(&vaccination(Some("URN:UVCI:01:SE:DEV/RESERVEFAIL1"))),
+            now,
+        )
         .unwrap_err();
     assert!(matches!(err, IssueError::Ledger(_)), "{err}");
     assert_eq!(err.code(), "2-60-5004");
@@ -145,12 +171,30 @@ fn a_failed_completion_returns_no_certificate_and_keeps_the_reservation() {
     ledger.fail_complete.store(true, Ordering::SeqCst);
     let ci = "URN:UVCI:01:SE:DEV/COMPLETEFAIL1";
     let now = time::OffsetDateTime::now_utc();
-    let err = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(Some(ci))), now).unwrap_err();
+    let err = iss
+        .issue(
+            CertType::Vaccination,
+            Payload::Json(&vaccination(Some(ci))),
+            now,
+        )
+        .unwrap_err();
     assert!(matches!(err, IssueError::Ledger(_)), "{err}");
     // The durable reservation records that a signature may exist; the UVCI stays blocked.
-    assert_eq!(ledger.counts().unwrap(), LedgerCounts { reserved: 1, signed: 0 });
+    assert_eq!(
+        ledger.counts().unwrap(),
+        LedgerCounts {
+            reserved: 1,
+            signed: 0
+        }
+    );
     ledger.fail_complete.store(false, Ordering::SeqCst);
-    let again = iss.issue(CertType::Vaccination, Payload::Json(&vaccination(Some(ci))), now).unwrap_err();
+    let again = iss
+        .issue(
+            CertType::Vaccination,
+            Payload::Json(&vaccination(Some(ci))),
+            now,
+        )
+        .unwrap_err();
     assert!(matches!(again, IssueError::DuplicateUvci), "{again}");
 }
 
@@ -161,14 +205,24 @@ fn cbor_payloads_sign_like_json() {
     let now = time::OffsetDateTime::now_utc();
     let json: serde_json::Value = serde_json::from_slice(&vaccination(None)).unwrap();
     let d = dccsign::dcc::validate(&json, None, &dccsign::dcc::Policy::default(), now).unwrap();
-    let issued = iss.issue(CertType::Vaccination, Payload::Cbor(&d.to_cbor_bytes()), now).unwrap();
+    let issued = iss
+        .issue(
+            CertType::Vaccination,
+            Payload::Cbor(&d.to_cbor_bytes()),
+            now,
+        )
+        .unwrap();
     let mut trust = dccsign::cose::TrustStore::new();
-    trust.add_der(&iss.dsc_for(CertType::Vaccination).unwrap().dsc.cert_der).unwrap();
+    trust
+        .add_der(&iss.dsc_for(CertType::Vaccination).unwrap().dsc.cert_der)
+        .unwrap();
     let report = dccsign::cose::verify_hc1(&issued.hc1, &trust, now).unwrap();
     assert!(report.is_valid(), "{report:?}");
     assert_eq!(report.payload["nam"]["fnt"], "TESTSSON");
     // Wrong type requested: refused before anything is recorded.
-    let err = iss.issue(CertType::Test, Payload::Cbor(&d.to_cbor_bytes()), now).unwrap_err();
+    let err = iss
+        .issue(CertType::Test, Payload::Cbor(&d.to_cbor_bytes()), now)
+        .unwrap_err();
     assert!(err.is_client_error());
     assert_eq!(ledger.counts().unwrap().signed, 1);
 }

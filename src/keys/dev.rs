@@ -221,17 +221,17 @@ vaccination_days = 270
 recovery_days = 180
 
 [[dsc]]
-label = "dsc-test"
+key = "pkcs11:token={DEV_TOKEN_LABEL};object=dsc-test;type=private"
 certificate = "pki/dsc-test.pem"
 types = ["test"]
 
 [[dsc]]
-label = "dsc-vaccination"
+key = "pkcs11:token={DEV_TOKEN_LABEL};object=dsc-vaccination;type=private"
 certificate = "pki/dsc-vaccination.pem"
 types = ["vaccination"]
 
 [[dsc]]
-label = "dsc-recovery"
+key = "pkcs11:token={DEV_TOKEN_LABEL};object=dsc-recovery;type=private"
 certificate = "pki/dsc-recovery.pem"
 types = ["recovery"]
 "#

@@ -12,7 +12,7 @@ use super::KeysError;
 use crate::config::Config;
 use crate::cose::trust::{PublicKey, TrustedDsc};
 use crate::dcc::CertType;
-use crate::hsm::{KeyHandle, Token};
+use crate::hsm::{KeyHandle, KeyUri, Token};
 
 /// A DSC certificate with the facts we use from it.
 #[derive(Debug, Clone)]
@@ -110,10 +110,26 @@ impl DscSet {
         let mut by_type = BTreeMap::new();
         for d in &cfg.dscs {
             let derr = |message: String| KeysError::Dsc {
-                label: d.label.clone(),
+                label: d.key.clone(),
                 message,
             };
-            let dsc = Dsc::from_pem_file(&d.label, &cfg.resolve(&d.certificate))?;
+            let (label, want_id) = if d.key.starts_with("pkcs11:") {
+                let uri: KeyUri = d
+                    .key
+                    .parse()
+                    .map_err(|e: crate::hsm::HsmError| derr(e.to_string()))?;
+                if uri.token != token.label() {
+                    return Err(derr(format!(
+                        "the URI names token {:?}, the configured token is {:?}",
+                        uri.token,
+                        token.label()
+                    )));
+                }
+                (uri.object, uri.id)
+            } else {
+                (d.key.clone(), None)
+            };
+            let dsc = Dsc::from_pem_file(&label, &cfg.resolve(&d.certificate))?;
             for t in &d.types {
                 if !dsc.allows(*t) {
                     return Err(derr(format!(
@@ -124,7 +140,12 @@ impl DscSet {
             if dsc.not_after <= now {
                 return Err(derr(format!("certificate expired at {}", dsc.not_after)));
             }
-            let key = token.find_key(&d.label).map_err(|e| derr(e.to_string()))?;
+            let key = token.find_key(&label).map_err(|e| derr(e.to_string()))?;
+            if want_id.as_ref().is_some_and(|id| *id != key.id) {
+                return Err(derr(
+                    "the key's CKA_ID differs from the id in the URI".into(),
+                ));
+            }
             if key.public_key != dsc.public_key {
                 return Err(derr(
                     "the key on the token does not match the certificate".into(),
