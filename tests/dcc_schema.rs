@@ -351,3 +351,13 @@ fn cbor_round_trip_keeps_types() {
         .unwrap_err()
         .has("$", Rule::Syntax));
 }
+
+#[test]
+fn every_rule_is_documented() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/error-codes.md"))
+        .unwrap();
+    for r in Rule::ALL {
+        let row = format!("| `{}` | `{}` |", r.code(), r.name());
+        assert!(doc.contains(&row), "docs/error-codes.md lacks {row}");
+    }
+}

@@ -136,10 +136,13 @@ fn the_ledger_records_hashes_that_match_the_certificate() {
         .expect("row for the UVCI");
     assert_eq!(rec.state, "signed");
     assert_eq!(rec.signature_hash, Some(r_hash));
-    assert_eq!(rec.country_uci_hash, cc_hash);
-    assert_eq!(rec.kid, issued.kid);
-    assert_eq!(rec.cert_type, CertType::Vaccination);
-    assert_eq!((rec.iat, rec.exp), (issued.iat, issued.exp));
+    assert_eq!(rec.reservation.country_uci_hash, cc_hash);
+    assert_eq!(rec.reservation.kid, issued.kid);
+    assert_eq!(rec.reservation.cert_type, CertType::Vaccination);
+    assert_eq!(
+        (rec.reservation.iat, rec.reservation.exp),
+        (issued.iat, issued.exp)
+    );
     // The kid is the vaccination DSC's.
     let dsc = iss.dsc_for(CertType::Vaccination).unwrap();
     assert_eq!(issued.kid, dccsign::cose::kid::kid(&dsc.dsc.cert_der));

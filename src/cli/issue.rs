@@ -80,21 +80,20 @@ pub fn sign(args: SignArgs) -> ExitCode {
     };
     match issuer.issue(args.cert_type, Payload::Json(&payload), now) {
         Ok(issued) => {
-            if let Some(p) = &args.qr {
-                if let Err(e) = dccsign::cose::qr::png(&issued.hc1)
+            type Render = fn(&str) -> Result<Vec<u8>, dccsign::cose::CoseError>;
+            let qr: [(&Option<PathBuf>, &str, Render); 2] = [
+                (&args.qr, "PNG", dccsign::cose::qr::png),
+                (&args.svg, "SVG", |h| {
+                    dccsign::cose::qr::svg(h).map(String::into_bytes)
+                }),
+            ];
+            for (path, kind, render) in qr {
+                let Some(path) = path else { continue };
+                let written = render(&issued.hc1)
                     .map_err(|e| e.to_string())
-                    .and_then(|png| std::fs::write(p, png).map_err(|e| e.to_string()))
-                {
-                    eprintln!("error: QR PNG: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            if let Some(p) = &args.svg {
-                if let Err(e) = dccsign::cose::qr::svg(&issued.hc1)
-                    .map_err(|e| e.to_string())
-                    .and_then(|svg| std::fs::write(p, svg).map_err(|e| e.to_string()))
-                {
-                    eprintln!("error: QR SVG: {e}");
+                    .and_then(|bytes| std::fs::write(path, bytes).map_err(|e| e.to_string()));
+                if let Err(e) = written {
+                    eprintln!("error: QR {kind} {}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
             }

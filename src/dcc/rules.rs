@@ -5,173 +5,90 @@
 
 use std::fmt;
 
-/// A validation rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Rule {
-    /// The payload is not well-formed JSON (or CBOR).
-    Syntax,
-    /// The payload (or a group) is not a JSON object.
-    NotAnObject,
-    /// A required field is missing.
-    Required,
-    /// A field has the wrong JSON type (e.g. a string where an integer belongs).
-    WrongType,
-    /// A field that the schema does not define (refused: we sign only what we understand).
-    UnknownField,
-    /// Not exactly one of `v`, `t`, `r`.
-    ExactlyOneStatement,
-    /// A statement array does not hold exactly one entry.
-    ExactlyOneEntry,
-    /// A text is longer than the schema allows.
-    TooLong,
-    /// `ver` is not a semantic version with major version 1.
-    Version,
-    /// Neither `fnt` nor `gnt` is present.
-    StandardisedNameRequired,
-    /// `fnt`/`gnt` does not match `^[A-Z<]*$`.
-    StandardisedNameFormat,
-    /// `dob` is not `YYYY-MM-DD`, `YYYY-MM`, `YYYY` (1900–2099) or empty, or not a real date.
-    DateOfBirthFormat,
-    /// A date is not a complete, real `YYYY-MM-DD` date.
-    DateFormat,
-    /// A date-time is not RFC 3339 `YYYY-MM-DDThh:mm:ssZ` or with a `±hh:mm` offset.
-    DateTimeFormat,
-    /// A code is not in its EU value set.
-    ValueSet,
-    /// `tg` is not COVID-19 (`840539006`).
-    DiseaseNotCovid19,
-    /// `ci` is not a UVCI (`URN:UVCI:01:CC:…`, characters A-Z 0-9 / : and an optional `#` check).
-    UvciFormat,
-    /// The UVCI's country is not the issuing country.
-    UvciCountry,
-    /// `co` is not the issuing country.
-    CountryNotIssuer,
-    /// The payload holds another certificate type than requested.
-    TypeMismatch,
-    /// A test certificate is issued only for a negative result (`260415000`).
-    TestResultNotNegative,
-    /// A rapid antigen test must name its device (`ma`).
-    RatDeviceRequired,
-    /// The sample was taken in the future.
-    SampleInFuture,
-    /// The sample is older than the configured maximum age (7 days by default).
-    SampleTooOld,
-    /// `dn` or `sd` is not an integer ≥ 1.
-    DoseRange,
-    /// `dn` > `sd` where that is not booster notation.
-    DoseExceedsSeries,
-    /// A date lies in the future.
-    DateInFuture,
-    /// Recovery dates are not ordered `fr ≤ df ≤ du`.
-    RecoveryDateOrder,
+/// Defines [`Rule`] with its code and name from one table.
+macro_rules! rules {
+    ($( $(#[doc = $doc:literal])* $variant:ident = $code:literal, $name:literal; )*) => {
+        /// A validation rule.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Rule {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl Rule {
+            /// Every rule, for documentation and tests.
+            pub const ALL: &'static [Rule] = &[ $( Rule::$variant, )* ];
+
+            /// The stable code.
+            pub fn code(self) -> &'static str {
+                match self { $( Rule::$variant => $code, )* }
+            }
+
+            /// The stable name.
+            pub fn name(self) -> &'static str {
+                match self { $( Rule::$variant => $name, )* }
+            }
+        }
+    };
 }
 
-impl Rule {
-    /// The stable code.
-    pub fn code(self) -> &'static str {
-        use Rule::*;
-        match self {
-            Syntax => "2-60-1001-01",
-            NotAnObject => "2-60-1001-02",
-            Required => "2-60-1001-03",
-            WrongType => "2-60-1001-04",
-            UnknownField => "2-60-1001-05",
-            ExactlyOneStatement => "2-60-1001-06",
-            ExactlyOneEntry => "2-60-1001-07",
-            TooLong => "2-60-1001-08",
-            Version => "2-60-1001-09",
-            StandardisedNameRequired => "2-60-1001-10",
-            StandardisedNameFormat => "2-60-1001-11",
-            DateOfBirthFormat => "2-60-1001-12",
-            DateFormat => "2-60-1001-13",
-            DateTimeFormat => "2-60-1001-14",
-            ValueSet => "2-60-1001-15",
-            DiseaseNotCovid19 => "2-60-1001-16",
-            UvciFormat => "2-60-1001-17",
-            UvciCountry => "2-60-1001-18",
-            CountryNotIssuer => "2-60-1001-19",
-            TypeMismatch => "2-60-1001-20",
-            TestResultNotNegative => "2-60-1001-21",
-            RatDeviceRequired => "2-60-1001-22",
-            SampleInFuture => "2-60-1001-23",
-            SampleTooOld => "2-60-1001-24",
-            DoseRange => "2-60-1001-25",
-            DoseExceedsSeries => "2-60-1001-26",
-            DateInFuture => "2-60-1001-27",
-            RecoveryDateOrder => "2-60-1001-28",
-        }
-    }
-
-    /// The stable name.
-    pub fn name(self) -> &'static str {
-        use Rule::*;
-        match self {
-            Syntax => "syntax",
-            NotAnObject => "not-an-object",
-            Required => "required",
-            WrongType => "wrong-type",
-            UnknownField => "unknown-field",
-            ExactlyOneStatement => "exactly-one-statement",
-            ExactlyOneEntry => "exactly-one-entry",
-            TooLong => "too-long",
-            Version => "version",
-            StandardisedNameRequired => "standardised-name-required",
-            StandardisedNameFormat => "standardised-name-format",
-            DateOfBirthFormat => "date-of-birth-format",
-            DateFormat => "date-format",
-            DateTimeFormat => "date-time-format",
-            ValueSet => "value-set",
-            DiseaseNotCovid19 => "disease-not-covid-19",
-            UvciFormat => "uvci-format",
-            UvciCountry => "uvci-country",
-            CountryNotIssuer => "country-not-issuer",
-            TypeMismatch => "type-mismatch",
-            TestResultNotNegative => "test-result-not-negative",
-            RatDeviceRequired => "rat-device-required",
-            SampleInFuture => "sample-in-future",
-            SampleTooOld => "sample-too-old",
-            DoseRange => "dose-range",
-            DoseExceedsSeries => "dose-exceeds-series",
-            DateInFuture => "date-in-future",
-            RecoveryDateOrder => "recovery-date-order",
-        }
-    }
-
-    /// Every rule, for documentation and tests.
-    pub const ALL: [Rule; 28] = {
-        use Rule::*;
-        [
-            Syntax,
-            NotAnObject,
-            Required,
-            WrongType,
-            UnknownField,
-            ExactlyOneStatement,
-            ExactlyOneEntry,
-            TooLong,
-            Version,
-            StandardisedNameRequired,
-            StandardisedNameFormat,
-            DateOfBirthFormat,
-            DateFormat,
-            DateTimeFormat,
-            ValueSet,
-            DiseaseNotCovid19,
-            UvciFormat,
-            UvciCountry,
-            CountryNotIssuer,
-            TypeMismatch,
-            TestResultNotNegative,
-            RatDeviceRequired,
-            SampleInFuture,
-            SampleTooOld,
-            DoseRange,
-            DoseExceedsSeries,
-            DateInFuture,
-            RecoveryDateOrder,
-        ]
-    };
+rules! {
+    /// The payload is not well-formed JSON (or CBOR).
+    Syntax = "2-60-1001-01", "syntax";
+    /// The payload (or a group) is not a JSON object.
+    NotAnObject = "2-60-1001-02", "not-an-object";
+    /// A required field is missing.
+    Required = "2-60-1001-03", "required";
+    /// A field has the wrong JSON type (e.g. a string where an integer belongs).
+    WrongType = "2-60-1001-04", "wrong-type";
+    /// A field that the schema does not define (refused: we sign only what we understand).
+    UnknownField = "2-60-1001-05", "unknown-field";
+    /// Not exactly one of `v`, `t`, `r`.
+    ExactlyOneStatement = "2-60-1001-06", "exactly-one-statement";
+    /// A statement array does not hold exactly one entry.
+    ExactlyOneEntry = "2-60-1001-07", "exactly-one-entry";
+    /// A text is longer than the schema allows.
+    TooLong = "2-60-1001-08", "too-long";
+    /// `ver` is not a semantic version with major version 1.
+    Version = "2-60-1001-09", "version";
+    /// Neither `fnt` nor `gnt` is present.
+    StandardisedNameRequired = "2-60-1001-10", "standardised-name-required";
+    /// `fnt`/`gnt` does not match `^[A-Z<]*$`.
+    StandardisedNameFormat = "2-60-1001-11", "standardised-name-format";
+    /// `dob` is not `YYYY-MM-DD`, `YYYY-MM`, `YYYY` (1900–2099) or empty, or not a real date.
+    DateOfBirthFormat = "2-60-1001-12", "date-of-birth-format";
+    /// A date is not a complete, real `YYYY-MM-DD` date.
+    DateFormat = "2-60-1001-13", "date-format";
+    /// A date-time is not RFC 3339 `YYYY-MM-DDThh:mm:ssZ` or with a `±hh:mm` offset.
+    DateTimeFormat = "2-60-1001-14", "date-time-format";
+    /// A code is not in its EU value set.
+    ValueSet = "2-60-1001-15", "value-set";
+    /// `tg` is not COVID-19 (`840539006`).
+    DiseaseNotCovid19 = "2-60-1001-16", "disease-not-covid-19";
+    /// `ci` is not a UVCI (`URN:UVCI:01:CC:…`, characters A-Z 0-9 / : and an optional `#` check).
+    UvciFormat = "2-60-1001-17", "uvci-format";
+    /// The UVCI's country is not the issuing country.
+    UvciCountry = "2-60-1001-18", "uvci-country";
+    /// `co` is not the issuing country.
+    CountryNotIssuer = "2-60-1001-19", "country-not-issuer";
+    /// The payload holds another certificate type than requested.
+    TypeMismatch = "2-60-1001-20", "type-mismatch";
+    /// A test certificate is issued only for a negative result (`260415000`).
+    TestResultNotNegative = "2-60-1001-21", "test-result-not-negative";
+    /// A rapid antigen test must name its device (`ma`).
+    RatDeviceRequired = "2-60-1001-22", "rat-device-required";
+    /// The sample was taken in the future.
+    SampleInFuture = "2-60-1001-23", "sample-in-future";
+    /// The sample is older than the configured maximum age (7 days by default).
+    SampleTooOld = "2-60-1001-24", "sample-too-old";
+    /// `dn` or `sd` is not an integer ≥ 1.
+    DoseRange = "2-60-1001-25", "dose-range";
+    /// `dn` > `sd` where that is not booster notation.
+    DoseExceedsSeries = "2-60-1001-26", "dose-exceeds-series";
+    /// A date lies in the future.
+    DateInFuture = "2-60-1001-27", "date-in-future";
+    /// Recovery dates are not ordered `fr ≤ df ≤ du`.
+    RecoveryDateOrder = "2-60-1001-28", "recovery-date-order";
 }
 
 /// One problem with one field. The message never contains a value from the payload.

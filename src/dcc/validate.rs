@@ -585,6 +585,14 @@ fn statement(
     }
     let p = format!("{key}[0]");
     let o = ctx.object(&arr[0], &p)?;
+    if mode.issuing.is_some() {
+        let allowed = match t {
+            CertType::Vaccination => V_FIELDS,
+            CertType::Test => T_FIELDS,
+            CertType::Recovery => R_FIELDS,
+        };
+        ctx.unknown(o, allowed, &p);
+    }
     let c = common(ctx, o, &p, mode);
     match t {
         CertType::Vaccination => vaccination(ctx, o, &p, mode, c),
@@ -608,9 +616,6 @@ fn vaccination(
     mode: Mode<'_>,
     c: Common,
 ) -> Option<Statement> {
-    if mode.issuing.is_some() {
-        ctx.unknown(o, V_FIELDS, p);
-    }
     let vp = ctx.text(o, "vp", p, true, None);
     let mp = ctx.text(o, "mp", p, true, None);
     let ma = ctx.text(o, "ma", p, true, None);
@@ -653,9 +658,6 @@ fn test(
     mode: Mode<'_>,
     c: Common,
 ) -> Option<Statement> {
-    if mode.issuing.is_some() {
-        ctx.unknown(o, T_FIELDS, p);
-    }
     let tt = ctx.text(o, "tt", p, true, None);
     let nm = ctx.text(o, "nm", p, false, Some(80));
     let ma = ctx.text(o, "ma", p, false, None);
@@ -739,9 +741,6 @@ fn recovery(
     mode: Mode<'_>,
     c: Common,
 ) -> Option<Statement> {
-    if mode.issuing.is_some() {
-        ctx.unknown(o, R_FIELDS, p);
-    }
     let fr = ctx.date(o, "fr", p);
     let df = ctx.date(o, "df", p);
     let du = ctx.date(o, "du", p);

@@ -67,6 +67,26 @@ fn spki_of(key: &KeyHandle) -> Result<SubjectPublicKeyInfoOwned, KeysError> {
     SubjectPublicKeyInfoOwned::from_key(key.public_key).map_err(build_err)
 }
 
+/// A builder with our defaults: random serial, the profile's subject and validity, and no
+/// extensions but those the caller adds (`issuer: None` = self-signed).
+fn builder<'s>(
+    profile: &CertProfile,
+    issuer: Option<Name>,
+    spki: SubjectPublicKeyInfoOwned,
+    signer: &'s TokenSigner<'s>,
+) -> Result<CertificateBuilder<'s, TokenSigner<'s>>, KeysError> {
+    let subject = Name::from_str(&profile.subject).map_err(build_err)?;
+    CertificateBuilder::new(
+        Profile::Manual { issuer },
+        random_serial()?,
+        validity(profile)?,
+        subject,
+        spki,
+        signer,
+    )
+    .map_err(build_err)
+}
+
 /// Builds the self-signed CSCA certificate: CA with pathLen 0, keyCertSign + cRLSign, SKI.
 pub fn build_csca(
     token: &Token,
@@ -76,16 +96,7 @@ pub fn build_csca(
     let signer = TokenSigner::new(token, key);
     let spki = spki_of(key)?;
     let ski = SubjectKeyIdentifier::try_from(spki.owned_to_ref()).map_err(build_err)?;
-    let subject = Name::from_str(&profile.subject).map_err(build_err)?;
-    let mut b = CertificateBuilder::new(
-        Profile::Manual { issuer: None },
-        random_serial()?,
-        validity(profile)?,
-        subject,
-        spki,
-        &signer,
-    )
-    .map_err(build_err)?;
+    let mut b = builder(profile, None, spki, &signer)?;
     b.add_extension(&BasicConstraints {
         ca: true,
         path_len_constraint: Some(0),
@@ -122,18 +133,8 @@ pub fn build_dsc(
         authority_cert_issuer: None,
         authority_cert_serial_number: None,
     };
-    let subject = Name::from_str(&profile.subject).map_err(build_err)?;
-    let mut b = CertificateBuilder::new(
-        Profile::Manual {
-            issuer: Some(csca_cert.tbs_certificate.subject.clone()),
-        },
-        random_serial()?,
-        validity(profile)?,
-        subject,
-        spki,
-        &signer,
-    )
-    .map_err(build_err)?;
+    let issuer = Some(csca_cert.tbs_certificate.subject.clone());
+    let mut b = builder(profile, issuer, spki, &signer)?;
     b.add_extension(&KeyUsage(KeyUsages::DigitalSignature.into()))
         .map_err(build_err)?;
     b.add_extension(&aki).map_err(build_err)?;

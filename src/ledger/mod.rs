@@ -43,7 +43,7 @@ impl From<rusqlite::Error> for LedgerError {
 }
 
 /// What is recorded before signing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     /// `SHA-256(UVCI)[0..16]` — unique across the ledger.
     pub uci_hash: RevocationHash,
@@ -63,23 +63,13 @@ pub struct Reservation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReservationId(pub i64);
 
-/// A ledger row.
+/// A ledger row: the reservation and, once signed, its completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateRecord {
     /// Row id.
     pub id: i64,
-    /// `SHA-256(UVCI)[0..16]`.
-    pub uci_hash: RevocationHash,
-    /// `SHA-256(country‖UVCI)[0..16]`.
-    pub country_uci_hash: RevocationHash,
-    /// Certificate type.
-    pub cert_type: CertType,
-    /// Signing DSC's kid.
-    pub kid: [u8; 8],
-    /// Issued-at (Unix seconds).
-    pub iat: i64,
-    /// Expiry (Unix seconds).
-    pub exp: i64,
+    /// What was recorded before signing.
+    pub reservation: Reservation,
     /// `SHA-256(r)[0..16]` once signed.
     pub signature_hash: Option<RevocationHash>,
     /// `reserved` or `signed`.

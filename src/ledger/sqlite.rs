@@ -95,16 +95,22 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
     let sig: Option<Vec<u8>> = r.get("signature_hash")?;
     Ok(CertificateRecord {
         id: r.get("id")?,
-        uci_hash: hash16(r.get("uci_hash")?)?,
-        country_uci_hash: hash16(r.get("country_uci_hash")?)?,
-        cert_type: t.parse::<CertType>().map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })?,
-        kid: kid.try_into().map_err(|_| {
-            rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob)
-        })?,
-        iat: r.get("iat")?,
-        exp: r.get("exp")?,
+        reservation: Reservation {
+            uci_hash: hash16(r.get("uci_hash")?)?,
+            country_uci_hash: hash16(r.get("country_uci_hash")?)?,
+            cert_type: t.parse::<CertType>().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+            kid: kid.try_into().map_err(|_| {
+                rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob)
+            })?,
+            iat: r.get("iat")?,
+            exp: r.get("exp")?,
+        },
         signature_hash: sig.map(hash16).transpose()?,
         state: r.get("state")?,
     })
