@@ -103,9 +103,7 @@ pub fn sign(args: SignArgs) -> ExitCode {
                 issued.cert_type,
                 issued.uvci,
                 hex::encode(issued.kid),
-                time::OffsetDateTime::from_unix_timestamp(issued.exp)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default()
+                super::fmt_time(Some(issued.exp))
             );
             println!("{}", issued.hc1);
             ExitCode::SUCCESS

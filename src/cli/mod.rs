@@ -129,3 +129,13 @@ fn dev_init(state_dir: &Path, country: &str) -> ExitCode {
         }
     }
 }
+
+/// Unix seconds as RFC 3339 (`-` when absent or out of range).
+pub fn fmt_time(t: Option<i64>) -> String {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}

@@ -78,8 +78,8 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         "kid {kid} iss {} type {} iat {} exp {}",
         report.iss.as_deref().unwrap_or("-"),
         report.cert_type.map(|t| t.as_str()).unwrap_or("-"),
-        fmt_time(report.iat),
-        fmt_time(report.exp)
+        super::fmt_time(report.iat),
+        super::fmt_time(report.exp)
     );
     let checks = [
         ("signature", &report.signature),
@@ -103,13 +103,4 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         eprintln!("invalid");
         ExitCode::from(EXIT_INVALID)
     }
-}
-
-fn fmt_time(t: Option<i64>) -> String {
-    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".into())
 }
