@@ -52,6 +52,12 @@ pub struct Config {
     /// The document signers: one per certificate type (a DSC may serve several types).
     #[serde(default, rename = "dsc")]
     pub dscs: Vec<DscConfig>,
+    /// The gRPC daemon (needed by `serve` only).
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
+    /// Callers and what they may do.
+    #[serde(default, rename = "client")]
+    pub clients: Vec<ClientConfig>,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -179,6 +185,101 @@ pub struct DscConfig {
     pub types: Vec<CertType>,
 }
 
+/// The gRPC daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address (mutual TLS).
+    #[serde(default = "default_listen")]
+    pub listen: std::net::SocketAddr,
+    /// Prometheus `/metrics` listen address (plain HTTP); none disables it.
+    #[serde(default = "default_metrics")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain of the server.
+    pub certificate: PathBuf,
+    /// PEM (PKCS#8) private key of the server certificate (mode 0600).
+    pub key: PathBuf,
+    /// PEM bundle of CAs that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// Largest accepted request message (default 64 KiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Requests one client may have in flight (default 256); more get RESOURCE_EXHAUSTED.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_per_client: usize,
+    /// Sustained requests per second per client (token bucket).
+    #[serde(default = "default_rate")]
+    pub rate_per_second: f64,
+    /// Token bucket size per client.
+    #[serde(default = "default_burst")]
+    pub rate_burst: f64,
+    /// Most items on one `IssueStream`.
+    #[serde(default = "default_stream_items")]
+    pub max_stream_items: u64,
+    /// Time in-flight requests get to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+    /// Period of the health canary (an HSM signature and a ledger write check).
+    #[serde(default = "default_health")]
+    pub health_interval_seconds: u64,
+}
+
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_metrics() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
+fn default_max_message() -> usize {
+    64 * 1024
+}
+fn default_in_flight() -> usize {
+    256
+}
+fn default_rate() -> f64 {
+    5000.0
+}
+fn default_burst() -> f64 {
+    10000.0
+}
+fn default_stream_items() -> u64 {
+    1_000_000
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_health() -> u64 {
+    5
+}
+
+/// What a caller is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Issuing front-end: the Issuance service.
+    Issuer,
+    /// Security officer: key lifecycle.
+    Officer,
+    /// Auditor: read-only views.
+    Auditor,
+}
+
+/// One caller, identified by its client certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client certificate's URI SAN (or DNS SAN), e.g. `spiffe://dccsign.dev/issuer-all`.
+    pub identity: String,
+    /// Its role.
+    pub role: Role,
+    /// For issuers: the certificate types it may issue.
+    #[serde(default)]
+    pub types: Vec<CertType>,
+    /// For issuers: the UVCI prefix of certificates it issues (default: `issuer.uvci_prefix`).
+    #[serde(default)]
+    pub uvci_prefix: Option<String>,
+}
+
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -219,6 +320,34 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "issuer.uvci_prefix must be 1-20 characters A-Z 0-9".into(),
             ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.clients {
+            if !seen.insert(&c.identity) {
+                return Err(ConfigError::Invalid(format!(
+                    "client {:?} is listed twice",
+                    c.identity
+                )));
+            }
+            if c.role == Role::Issuer && c.types.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "issuer {:?} may issue no type: give types = [...]",
+                    c.identity
+                )));
+            }
+            if let Some(p) = &c.uvci_prefix {
+                if p.is_empty()
+                    || p.len() > 20
+                    || !p
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "client {:?}: uvci_prefix must be 1-20 characters A-Z 0-9",
+                        c.identity
+                    )));
+                }
+            }
         }
         for t in CertType::ALL {
             let n = self.dscs.iter().filter(|d| d.types.contains(&t)).count();

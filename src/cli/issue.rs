@@ -31,7 +31,8 @@ pub struct SignArgs {
     svg: Option<PathBuf>,
 }
 
-fn read_payload(p: &PathBuf) -> std::io::Result<Vec<u8>> {
+/// Reads a payload file, or standard input for `-`.
+pub fn read_payload(p: &PathBuf) -> std::io::Result<Vec<u8>> {
     if p.as_os_str() == "-" {
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;

@@ -4,6 +4,7 @@
 
 mod example;
 mod issue;
+mod serve;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,25 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Print a valid example payload with fresh dates (fictitious person).
     ExamplePayload(example::ExampleArgs),
+    /// Run the gRPC signing daemon over mutual TLS.
+    Serve(serve::ServeArgs),
+    /// Issue one certificate through a running daemon (mTLS client); prints the HC1.
+    Issue(serve::IssueArgs),
+    /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one).
+    DevClientCert {
+        /// State directory written by `dev-init`.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Client name; the identity is spiffe://dccsign.dev/<name>.
+        #[arg(long)]
+        name: String,
+        /// Start of validity (RFC 3339), default now.
+        #[arg(long)]
+        not_before: Option<String>,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 24 * 365)]
+        hours: u64,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -103,6 +123,43 @@ pub fn run() -> ExitCode {
         Command::Sign(args) => issue::sign(args),
         Command::Verify(args) => verify::verify(args),
         Command::ExamplePayload(args) => example::run(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Issue(args) => serve::issue(args),
+        Command::DevClientCert {
+            state_dir,
+            name,
+            not_before,
+            hours,
+        } => dev_client_cert(&state_dir, &name, not_before.as_deref(), hours),
+    }
+}
+
+fn dev_client_cert(state_dir: &Path, name: &str, not_before: Option<&str>, hours: u64) -> ExitCode {
+    let start = match not_before {
+        None => std::time::SystemTime::now(),
+        Some(s) => {
+            match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+                Ok(t) => {
+                    std::time::SystemTime::UNIX_EPOCH
+                        + std::time::Duration::from_secs(t.unix_timestamp().max(0) as u64)
+                }
+                Err(_) => {
+                    eprintln!("error: --not-before must be RFC 3339");
+                    return ExitCode::from(EXIT_REJECTED);
+                }
+            }
+        }
+    };
+    let lifetime = std::time::Duration::from_secs(hours * 3600);
+    match dccsign::keys::dev_client_cert(state_dir, name, start, lifetime) {
+        Ok((cert, key)) => {
+            println!("{}\n{}", cert.display(), key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

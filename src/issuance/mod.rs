@@ -147,12 +147,45 @@ impl Issuer {
         &self.ledger
     }
 
-    /// Validates, records and signs one certificate of type `t` at time `now`.
+    /// The health canary: one signature through the pool with each DSC's key, checked against
+    /// the DSC's certified public key, and a ledger write check.
+    pub fn canary(&self) -> Result<(), String> {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        let mut digest = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut digest);
+        for s in self.signers.values() {
+            let sig = self
+                .pool
+                .sign(&s.dsc.key, digest)
+                .map_err(|e| format!("HSM: {e}"))?;
+            let sig = p256::ecdsa::Signature::from_slice(&sig).map_err(|e| format!("HSM: {e}"))?;
+            p256::ecdsa::VerifyingKey::from(&s.dsc.dsc.public_key)
+                .verify_prehash(&digest, &sig)
+                .map_err(|_| format!("HSM: signature of {} does not verify", s.dsc.dsc.label))?;
+        }
+        self.ledger
+            .check_writable()
+            .map_err(|e| format!("ledger: {e}"))
+    }
+
+    /// Validates, records and signs one certificate of type `t` at time `now`, generating a
+    /// UVCI with the configured prefix when the payload has none.
     pub fn issue(
         &self,
         t: CertType,
         payload: Payload<'_>,
         now: OffsetDateTime,
+    ) -> Result<Issued, IssueError> {
+        self.issue_with_prefix(t, payload, now, &self.settings.uvci_prefix)
+    }
+
+    /// Like [`Issuer::issue`], with the UVCI prefix of the calling issuer.
+    pub fn issue_with_prefix(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        now: OffsetDateTime,
+        uvci_prefix: &str,
     ) -> Result<Issued, IssueError> {
         let json = match payload {
             Payload::Json(b) => dcc::parse_json(b)?,
@@ -171,7 +204,7 @@ impl Issuer {
             if !given_uvci {
                 let uvci = dcc::uvci::generate(
                     &self.settings.country,
-                    &self.settings.uvci_prefix,
+                    uvci_prefix,
                     &mut rand::rngs::OsRng,
                 );
                 dcc.set_uvci(uvci);

@@ -14,7 +14,7 @@ use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::builder::{Builder, CertificateBuilder, Profile};
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectKeyIdentifier,
+    SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::name::Name;
 use x509_cert::serial_number::SerialNumber;
@@ -119,39 +119,65 @@ pub fn build_dsc(
     types: &[CertType],
     profile: &CertProfile,
 ) -> Result<Certificate, KeysError> {
-    let signer = TokenSigner::new(token, csca_key);
-    let spki = spki_of(dsc_key)?;
+    let eku = types
+        .iter()
+        .map(|t| ObjectIdentifier::new(t.eku_oid()).map_err(build_err))
+        .collect::<Result<Vec<_>, _>>()?;
+    build_leaf(
+        token,
+        csca_key,
+        csca_cert,
+        &dsc_key.public_key,
+        &eku,
+        None,
+        profile,
+    )
+}
+
+/// Builds an end-entity certificate for `public_key`, signed inside the token by `ca_key`:
+/// keyUsage digitalSignature (critical), AKI = the CA's SKI, SKI, a non-critical extended key
+/// usage with `eku` (omitted when empty) and an optional subject alternative name.
+pub fn build_leaf(
+    token: &Token,
+    ca_key: &KeyHandle,
+    ca_cert: &Certificate,
+    public_key: &p256::PublicKey,
+    eku: &[ObjectIdentifier],
+    san: Option<SubjectAltName>,
+    profile: &CertProfile,
+) -> Result<Certificate, KeysError> {
+    let signer = TokenSigner::new(token, ca_key);
+    let spki = SubjectPublicKeyInfoOwned::from_key(*public_key).map_err(build_err)?;
     let ski = SubjectKeyIdentifier::try_from(spki.owned_to_ref()).map_err(build_err)?;
-    let csca_ski = csca_cert
+    let ca_ski = ca_cert
         .tbs_certificate
         .get::<SubjectKeyIdentifier>()
         .map_err(build_err)?
         .map(|(_, ski)| ski.0)
-        .ok_or_else(|| KeysError::Build("CSCA certificate has no subject key identifier".into()))?;
+        .ok_or_else(|| KeysError::Build("CA certificate has no subject key identifier".into()))?;
     let aki = AuthorityKeyIdentifier {
-        key_identifier: Some(OctetString::new(csca_ski.as_bytes()).map_err(build_err)?),
+        key_identifier: Some(OctetString::new(ca_ski.as_bytes()).map_err(build_err)?),
         authority_cert_issuer: None,
         authority_cert_serial_number: None,
     };
-    let issuer = Some(csca_cert.tbs_certificate.subject.clone());
+    let issuer = Some(ca_cert.tbs_certificate.subject.clone());
     let mut b = builder(profile, issuer, spki, &signer)?;
     b.add_extension(&KeyUsage(KeyUsages::DigitalSignature.into()))
         .map_err(build_err)?;
     b.add_extension(&aki).map_err(build_err)?;
     b.add_extension(&ski).map_err(build_err)?;
-    if !types.is_empty() {
-        let oids = types
-            .iter()
-            .map(|t| ObjectIdentifier::new(t.eku_oid()).map_err(build_err))
-            .collect::<Result<Vec<_>, _>>()?;
-        b.add_extension(&NonCriticalEku(ExtendedKeyUsage(oids)))
+    if !eku.is_empty() {
+        b.add_extension(&NonCriticalEku(ExtendedKeyUsage(eku.to_vec())))
             .map_err(build_err)?;
+    }
+    if let Some(san) = san {
+        b.add_extension(&san).map_err(build_err)?;
     }
     b.build::<DerSignature>().map_err(build_err)
 }
 
-/// The DCC extended key usage, marked non-critical as in the EU's DSCs (x509-cert marks EKU
-/// critical by default).
+/// An extended key usage marked non-critical, as in the EU's DSCs (x509-cert marks EKU critical
+/// by default).
 struct NonCriticalEku(ExtendedKeyUsage);
 
 impl const_oid::AssociatedOid for NonCriticalEku {

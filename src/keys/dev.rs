@@ -14,14 +14,19 @@ use secrecy::SecretString;
 use x509_cert::Certificate;
 
 use super::certificate::{build_csca, build_dsc, to_pem, CertProfile};
+use super::tls::{issue_tls_leaf, TlsRole};
 use super::KeysError;
 use crate::dcc::CertType;
-use crate::hsm::{load_pin, PinSource, Token, TokenSettings, SOFTHSM_MODULE};
+use crate::hsm::{load_pin, KeyHandle, PinSource, Token, TokenSettings, SOFTHSM_MODULE};
 
 /// Label of the development token.
 pub const DEV_TOKEN_LABEL: &str = "dccsign-dev";
 /// Label of the development CSCA key.
 const CSCA_LABEL: &str = "dev-csca";
+/// Label of the development TLS CA key.
+const TLS_CA_LABEL: &str = "dev-tls-ca";
+/// The client certificates `dev-init` creates: issuers and security officers.
+pub const DEV_CLIENTS: [&str; 4] = ["issuer-all", "issuer-test", "officer-1", "officer-2"];
 const SOFTHSM_TEMPLATE: &str = include_str!("../../hsm-config/softhsm2.conf.template");
 const DAY: u64 = 86_400;
 
@@ -87,6 +92,63 @@ fn load_cert(path: &Path) -> Result<Certificate, KeysError> {
     })
 }
 
+/// The key with this label, generated in the token if it does not exist yet.
+fn ensure_key(
+    token: &Token,
+    label: &str,
+    created: &mut Vec<String>,
+) -> Result<KeyHandle, KeysError> {
+    match token.find_key(label) {
+        Ok(k) => Ok(k),
+        Err(crate::hsm::HsmError::KeyNotFound(_)) => {
+            created.push(format!("key {label}"));
+            Ok(token.generate_p256(label)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens the development token of an existing state directory.
+fn open_dev_token(state_dir: &Path) -> Result<Token, KeysError> {
+    let conf = state_dir.join("softhsm2.conf");
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    Ok(Token::open(&TokenSettings {
+        module: PathBuf::from(SOFTHSM_MODULE),
+        label: DEV_TOKEN_LABEL.into(),
+        pin: PinSource::File(state_dir.join("secrets/user.pin")),
+        base_dir: state_dir.to_path_buf(),
+    })?)
+}
+
+/// Issues one more development client certificate (`<state>/pki/clients/<name>.{pem,key}`) from
+/// the development TLS CA, with the given validity — e.g. an expired one for tests. Exports
+/// `SOFTHSM2_CONF`: call it before any other PKCS#11 use in the process.
+pub fn dev_client_cert(
+    state_dir: &Path,
+    name: &str,
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<(PathBuf, PathBuf), KeysError> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(KeysError::Build(
+            "client name must be letters, digits and '-'".into(),
+        ));
+    }
+    let token = open_dev_token(state_dir)?;
+    let ca_key = token.find_key(TLS_CA_LABEL)?;
+    let ca = load_cert(&state_dir.join("pki/tls/ca.pem"))?;
+    issue_tls_leaf(
+        &token,
+        &ca_key,
+        &ca,
+        &state_dir.join("pki/clients"),
+        name,
+        TlsRole::Client,
+        not_before,
+        lifetime,
+    )
+}
+
 /// Sets up (or completes) the development PKI under `state_dir` for issuing country `country`.
 ///
 /// Exports `SOFTHSM2_CONF` for this process: call it before any other PKCS#11 use.
@@ -124,14 +186,7 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
     })?;
 
     let now = SystemTime::now();
-    let csca_key = match token.find_key(CSCA_LABEL) {
-        Ok(k) => k,
-        Err(crate::hsm::HsmError::KeyNotFound(_)) => {
-            created.push(format!("key {CSCA_LABEL}"));
-            token.generate_p256(CSCA_LABEL)?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let csca_key = ensure_key(&token, CSCA_LABEL, &mut created)?;
     let csca_path = pki.join("csca.pem");
     if !csca_path.exists() {
         let cert = build_csca(
@@ -150,14 +205,7 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
 
     for t in CertType::ALL {
         let label = format!("dsc-{}", t.as_str());
-        let key = match token.find_key(&label) {
-            Ok(k) => k,
-            Err(crate::hsm::HsmError::KeyNotFound(_)) => {
-                created.push(format!("key {label}"));
-                token.generate_p256(&label)?
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let key = ensure_key(&token, &label, &mut created)?;
         let path = pki.join(format!("{label}.pem"));
         if !path.exists() {
             let serial_hint = hex::encode(&key.id[..4]);
@@ -178,6 +226,64 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
             )?;
             write_new(&path, &to_pem(&cert)?)?;
             created.push(format!("certificate {}", path.display()));
+        }
+    }
+
+    // The TLS PKI of the daemon's mutual TLS.
+    let tls_dir = pki.join("tls");
+    std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
+    let tls_ca_key = ensure_key(&token, TLS_CA_LABEL, &mut created)?;
+    let tls_ca_path = tls_dir.join("ca.pem");
+    if !tls_ca_path.exists() {
+        let cert = build_csca(
+            &token,
+            &tls_ca_key,
+            &CertProfile {
+                subject: "CN=dccsign development TLS CA,O=dccsign development".into(),
+                not_before: now,
+                lifetime: Duration::from_secs(4 * 365 * DAY),
+            },
+        )?;
+        write_new(&tls_ca_path, &to_pem(&cert)?)?;
+        created.push(format!("certificate {}", tls_ca_path.display()));
+    }
+    let tls_ca = load_cert(&tls_ca_path)?;
+    let year = Duration::from_secs(365 * DAY);
+    if !tls_dir.join("server.pem").exists() || !tls_dir.join("server.key").exists() {
+        issue_tls_leaf(
+            &token,
+            &tls_ca_key,
+            &tls_ca,
+            &tls_dir,
+            "server",
+            TlsRole::Server,
+            now,
+            year,
+        )?;
+        created.push(format!(
+            "TLS server certificate {}",
+            tls_dir.join("server.pem").display()
+        ));
+    }
+    let clients = pki.join("clients");
+    for name in DEV_CLIENTS {
+        if !clients.join(format!("{name}.pem")).exists()
+            || !clients.join(format!("{name}.key")).exists()
+        {
+            issue_tls_leaf(
+                &token,
+                &tls_ca_key,
+                &tls_ca,
+                &clients,
+                name,
+                TlsRole::Client,
+                now,
+                year,
+            )?;
+            created.push(format!(
+                "TLS client certificate {}",
+                clients.join(format!("{name}.pem")).display()
+            ));
         }
     }
 
@@ -219,6 +325,42 @@ clock_skew_seconds = 300
 test_hours = 72
 vaccination_days = 270
 recovery_days = 180
+
+[server]
+listen = "127.0.0.1:50051"
+# Prometheus metrics (plain HTTP, keep it on loopback or a management network).
+metrics_listen = "127.0.0.1:9464"
+certificate = "pki/tls/server.pem"
+key = "pki/tls/server.key"
+# Client certificates must chain to this CA; the identity is their URI (or DNS) SAN.
+client_ca = "pki/tls/ca.pem"
+max_message_bytes = 65536
+max_in_flight_per_client = 256
+rate_per_second = 5000
+rate_burst = 10000
+max_stream_items = 1000000
+shutdown_grace_seconds = 10
+health_interval_seconds = 5
+
+# Who may call. Each gRPC service allows some roles only: Issuance = issuer.
+[[client]]
+identity = "spiffe://dccsign.dev/issuer-all"
+role = "issuer"
+types = ["test", "vaccination", "recovery"]
+
+[[client]]
+identity = "spiffe://dccsign.dev/issuer-test"
+role = "issuer"
+types = ["test"]
+uvci_prefix = "DEVTEST"
+
+[[client]]
+identity = "spiffe://dccsign.dev/officer-1"
+role = "officer"
+
+[[client]]
+identity = "spiffe://dccsign.dev/officer-2"
+role = "officer"
 
 [[dsc]]
 key = "pkcs11:token={DEV_TOKEN_LABEL};object=dsc-test;type=private"

@@ -7,10 +7,12 @@
 mod certificate;
 mod dev;
 mod dsc;
+mod tls;
 
-pub use certificate::{build_csca, build_dsc, random_serial, CertProfile};
-pub use dev::{dev_init, DevInitReport, DEV_TOKEN_LABEL};
+pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
+pub use dev::{dev_client_cert, dev_init, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL};
 pub use dsc::{ActiveDsc, Dsc, DscSet};
+pub use tls::{dev_identity, issue_tls_leaf, TlsRole, DEV_IDENTITY_PREFIX};
 
 /// Errors of the key layer.
 #[derive(Debug, thiserror::Error)]

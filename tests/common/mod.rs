@@ -122,3 +122,131 @@ pub fn shared_dir() -> PathBuf {
         PathBuf::from("/work/shared")
     }
 }
+
+/// A running `dccsign serve --dev` on an ephemeral loopback port.
+pub struct Daemon {
+    pub dev: Dev,
+    pub addr: String,
+    pub child: std::process::Child,
+    pub stderr_path: PathBuf,
+    /// Kept open so the daemon's stdout never breaks.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Daemon {
+    /// Starts a daemon on a fresh state directory.
+    pub fn start() -> Daemon {
+        Daemon::start_with(Dev::new(), |_| {})
+    }
+
+    /// Starts a daemon on `dev` after letting `edit` change its config text.
+    pub fn start_with(dev: Dev, edit: impl FnOnce(&mut String)) -> Daemon {
+        let cfg_path = dev.file("dccsign.toml");
+        let mut cfg = std::fs::read_to_string(&cfg_path).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let stderr_path = dev.file("daemon.log");
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "--state-dir",
+                dev.path().to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "none",
+            ])
+            .env_remove("SOFTHSM2_CONF")
+            .env("DCCSIGN_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let addr = line
+            .split_whitespace()
+            .last()
+            .filter(|a| a.contains(':'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "daemon did not start: {line}\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
+            })
+            .to_string();
+        Daemon {
+            dev,
+            addr,
+            child,
+            stderr_path,
+            _stdout: stdout,
+        }
+    }
+
+    /// A connected channel for development client `name`.
+    pub async fn channel(&self, name: &str) -> Result<tonic::transport::Channel, String> {
+        let d = &self.dev;
+        dccsign::api::client::connect(
+            &self.addr,
+            &d.file(&format!("pki/clients/{name}.pem")),
+            &d.file(&format!("pki/clients/{name}.key")),
+            &d.file("pki/tls/ca.pem"),
+            "localhost",
+        )
+        .await
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An `IssueRequest` for a JSON payload.
+pub fn issue_request(
+    t: &str,
+    payload: &serde_json::Value,
+    request_id: &str,
+) -> dccsign::api::pb::IssueRequest {
+    use dccsign::api::pb;
+    let ty = match t {
+        "test" => pb::CertificateType::Test,
+        "vaccination" => pb::CertificateType::Vaccination,
+        _ => pb::CertificateType::Recovery,
+    };
+    pb::IssueRequest {
+        request_id: request_id.into(),
+        r#type: ty as i32,
+        payload: Some(pb::issue_request::Payload::PayloadJson(payload.to_string())),
+        want_qr: pb::QrFormat::None as i32,
+    }
+}
+
+/// The `dccsign-error-bin` detail of a status.
+pub fn error_detail(s: &tonic::Status) -> dccsign::api::pb::ErrorDetail {
+    use prost::Message;
+    let b = s
+        .metadata()
+        .get_bin("dccsign-error-bin")
+        .expect("no dccsign-error-bin")
+        .to_bytes()
+        .unwrap();
+    dccsign::api::pb::ErrorDetail::decode(b.as_ref()).unwrap()
+}

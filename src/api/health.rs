@@ -1,0 +1,41 @@
+//! Health: SERVING only while the HSM signs (a canary signature verified against each DSC) and
+//! the ledger accepts writes; NOT_SERVING otherwise, and back by itself when they recover.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::issuance::Issuer;
+
+/// The service name reported besides the overall status ("").
+pub const ISSUANCE_SERVICE: &str = "dccsign.v1.Issuance";
+
+/// Runs the canary every `interval` and reports the result.
+pub async fn run(issuer: Arc<Issuer>, reporter: HealthReporter, interval: Duration) {
+    let mut last: Option<bool> = None;
+    loop {
+        let i = issuer.clone();
+        let result = tokio::task::spawn_blocking(move || i.canary())
+            .await
+            .unwrap_or_else(|e| Err(format!("canary task: {e}")));
+        let ok = result.is_ok();
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(ISSUANCE_SERVICE, status).await;
+        metrics::gauge!("dccsign_healthy").set(if ok { 1.0 } else { 0.0 });
+        if last != Some(ok) {
+            match &result {
+                Ok(()) => tracing::info!("health: SERVING"),
+                Err(e) => tracing::error!(reason = %e, "health: NOT_SERVING"),
+            }
+        }
+        last = Some(ok);
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,367 @@
+//! `dccsign.v1.Issuance`: Issue, IssueStream and GetSigningInfo.
+//!
+//! Signing runs on the blocking thread pool (`spawn_blocking`): the pipeline waits for SQLite
+//! commits and for the HSM workers, and neither may stall the async runtime.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::authz::{Authorizer, Caller, Service};
+use super::error::{self, codes};
+use super::limits::Limits;
+use super::pb;
+use crate::dcc::CertType;
+use crate::issuance::{Issued, Issuer, Payload};
+
+/// The service.
+#[derive(Clone)]
+pub struct IssuanceService {
+    issuer: Arc<Issuer>,
+    authz: Arc<Authorizer>,
+    limits: Arc<Limits>,
+    max_stream_items: u64,
+}
+
+impl std::fmt::Debug for IssuanceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuanceService").finish_non_exhaustive()
+    }
+}
+
+/// How many items of one stream are signed concurrently.
+const STREAM_CONCURRENCY: usize = 64;
+
+fn new_request_id() -> String {
+    let mut b = [0u8; 12];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    format!("srv-{}", hex::encode(b))
+}
+
+fn request_id(given: &str) -> Result<String, Status> {
+    if given.is_empty() {
+        return Ok(new_request_id());
+    }
+    if given.len() > 128
+        || !given
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        return Err(error::bad_request(
+            "request_id",
+            codes::REQUEST_ID_INVALID,
+            "request-id-format",
+            "must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+            "",
+        ));
+    }
+    Ok(given.to_string())
+}
+
+fn cert_type(t: i32, rid: &str) -> Result<CertType, Status> {
+    match pb::CertificateType::try_from(t) {
+        Ok(pb::CertificateType::Test) => Ok(CertType::Test),
+        Ok(pb::CertificateType::Vaccination) => Ok(CertType::Vaccination),
+        Ok(pb::CertificateType::Recovery) => Ok(CertType::Recovery),
+        _ => Err(error::bad_request(
+            "type",
+            codes::TYPE_REQUIRED,
+            "type-required",
+            "must be TEST, VACCINATION or RECOVERY",
+            rid,
+        )),
+    }
+}
+
+fn pb_type(t: CertType) -> pb::CertificateType {
+    match t {
+        CertType::Test => pb::CertificateType::Test,
+        CertType::Vaccination => pb::CertificateType::Vaccination,
+        CertType::Recovery => pb::CertificateType::Recovery,
+    }
+}
+
+enum Body {
+    Json(String),
+    Cbor(Vec<u8>),
+}
+
+/// A checked request, ready to sign.
+struct Prepared {
+    rid: String,
+    t: CertType,
+    body: Body,
+    qr: pb::QrFormat,
+}
+
+fn prepare(caller: &Caller, r: pb::IssueRequest) -> Result<Prepared, Status> {
+    let rid = request_id(&r.request_id)?;
+    let t = cert_type(r.r#type, &rid)?;
+    if !caller.may_issue(t) {
+        return Err(error::permission_denied(
+            &format!("this issuer may not issue {t} certificates"),
+            &rid,
+        ));
+    }
+    let body = match r.payload {
+        Some(pb::issue_request::Payload::PayloadJson(j)) => Body::Json(j),
+        Some(pb::issue_request::Payload::PayloadCbor(c)) => Body::Cbor(c),
+        None => {
+            return Err(error::bad_request(
+                "payload",
+                codes::PAYLOAD_REQUIRED,
+                "payload-required",
+                "give payload_json or payload_cbor",
+                &rid,
+            ))
+        }
+    };
+    let qr = pb::QrFormat::try_from(r.want_qr).unwrap_or(pb::QrFormat::None);
+    Ok(Prepared { rid, t, body, qr })
+}
+
+fn response(rid: String, issued: Issued, qr: pb::QrFormat) -> Result<pb::IssueResponse, Status> {
+    let mut resp = pb::IssueResponse {
+        request_id: rid,
+        uvci: issued.uvci,
+        hc1: String::new(),
+        cose: issued.cose,
+        kid: issued.kid.to_vec(),
+        iat: issued.iat,
+        exp: issued.exp,
+        qr_png: vec![],
+        qr_svg: String::new(),
+    };
+    match qr {
+        pb::QrFormat::Png => {
+            resp.qr_png =
+                crate::cose::qr::png(&issued.hc1).map_err(|e| Status::internal(e.to_string()))?
+        }
+        pb::QrFormat::Svg => {
+            resp.qr_svg =
+                crate::cose::qr::svg(&issued.hc1).map_err(|e| Status::internal(e.to_string()))?
+        }
+        pb::QrFormat::None => {}
+    }
+    resp.hc1 = issued.hc1;
+    Ok(resp)
+}
+
+impl IssuanceService {
+    /// A service over `issuer`.
+    pub fn new(
+        issuer: Arc<Issuer>,
+        authz: Arc<Authorizer>,
+        limits: Arc<Limits>,
+        max_stream_items: u64,
+    ) -> Self {
+        IssuanceService {
+            issuer,
+            authz,
+            limits,
+            max_stream_items,
+        }
+    }
+
+    /// Signs one prepared request on the blocking pool; logs and counts the outcome.
+    async fn sign(
+        &self,
+        caller: &Caller,
+        p: Prepared,
+    ) -> Result<pb::IssueResponse, (Status, pb::ErrorDetail)> {
+        let started = Instant::now();
+        let issuer = self.issuer.clone();
+        let prefix = caller
+            .config
+            .uvci_prefix
+            .clone()
+            .unwrap_or_else(|| issuer.settings().uvci_prefix.clone());
+        let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
+        let result = tokio::task::spawn_blocking(move || {
+            let now = time::OffsetDateTime::now_utc();
+            match &p.body {
+                Body::Json(j) => {
+                    issuer.issue_with_prefix(t, Payload::Json(j.as_bytes()), now, &prefix)
+                }
+                Body::Cbor(c) => issuer.issue_with_prefix(t, Payload::Cbor(c), now, &prefix),
+            }
+        })
+        .await
+        .map_err(|e| {
+            let d = pb::ErrorDetail {
+                code: "2-60-5000".into(),
+                request_id: rid.clone(),
+                violations: vec![],
+            };
+            (
+                error::status(
+                    tonic::Code::Internal,
+                    &format!("signing task failed: {e}"),
+                    &d,
+                ),
+                d,
+            )
+        })?;
+        let elapsed = started.elapsed().as_secs_f64();
+        metrics::histogram!("dccsign_request_seconds", "type" => t.as_str()).record(elapsed);
+        match result {
+            Ok(issued) => {
+                metrics::counter!("dccsign_certificates_signed_total",
+                    "type" => t.as_str(), "kid" => hex::encode(issued.kid), "client" => caller.identity.clone())
+                .increment(1);
+                tracing::info!(request_id = %rid, client = %caller.identity, cert_type = %t,
+                    kid = %hex::encode(issued.kid), outcome = "signed", latency_ms = elapsed * 1e3, "issue");
+                response(rid.clone(), issued, qr).map_err(|s| {
+                    let d = pb::ErrorDetail {
+                        code: "2-60-5000".into(),
+                        request_id: rid,
+                        violations: vec![],
+                    };
+                    (s, d)
+                })
+            }
+            Err(e) => {
+                let d = error::detail(&e, &rid);
+                metrics::counter!("dccsign_rejections_total", "code" => d.code.clone())
+                    .increment(1);
+                tracing::info!(request_id = %rid, client = %caller.identity, cert_type = %t,
+                    outcome = %d.code, latency_ms = elapsed * 1e3, "issue refused");
+                Err((error::from_issue(&e, &rid), d))
+            }
+        }
+    }
+}
+
+fn status_detail(s: &Status, rid: &str) -> pb::ErrorDetail {
+    use prost::Message;
+    s.metadata()
+        .get_bin("dccsign-error-bin")
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok())
+        .unwrap_or_else(|| pb::ErrorDetail {
+            code: "2-60-5000".into(),
+            request_id: rid.into(),
+            violations: vec![],
+        })
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::IssueStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::issuance_server::Issuance for IssuanceService {
+    async fn issue(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssueResponse>, Status> {
+        let given = req.get_ref().request_id.clone();
+        let caller = self.authz.authorize(&req, Service::Issuance, &given)?;
+        let p = prepare(&caller, req.into_inner()).inspect_err(|s| {
+            metrics::counter!("dccsign_rejections_total", "code" => status_detail(s, "").code)
+                .increment(1);
+        })?;
+        let _permit = self.limits.admit(&caller.identity, &p.rid)?;
+        self.sign(&caller, p)
+            .await
+            .map(Response::new)
+            .map_err(|(s, _)| s)
+    }
+
+    type IssueStreamStream = ResponseStream;
+
+    async fn issue_stream(
+        &self,
+        req: Request<Streaming<pb::IssueRequest>>,
+    ) -> Result<Response<Self::IssueStreamStream>, Status> {
+        let caller = self.authz.authorize(&req, Service::Issuance, "")?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::IssueStreamResponse, Status>>(
+            STREAM_CONCURRENCY * 2,
+        );
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let gate = Arc::new(tokio::sync::Semaphore::new(STREAM_CONCURRENCY));
+            let mut count: u64 = 0;
+            loop {
+                let item = match inbound.message().await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(client = %caller.identity, error = %e, "stream ended by client error");
+                        break;
+                    }
+                };
+                count += 1;
+                let Ok(slot) = gate.clone().acquire_owned().await else {
+                    break;
+                };
+                let (svc, caller, tx) = (svc.clone(), caller.clone(), tx.clone());
+                let over = count > svc.max_stream_items;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let given = item.request_id.clone();
+                    let out = if over {
+                        let s = error::resource_exhausted(
+                            "the stream carried more items than allowed",
+                            &given,
+                        );
+                        Err(status_detail(&s, &given))
+                    } else {
+                        match prepare(&caller, item) {
+                            Err(s) => Err(status_detail(&s, &given)),
+                            Ok(p) => match svc.limits.admit(&caller.identity, &p.rid) {
+                                Err(s) => Err(status_detail(&s, &p.rid)),
+                                Ok(_permit) => svc.sign(&caller, p).await.map_err(|(_, d)| d),
+                            },
+                        }
+                    };
+                    let msg = match out {
+                        Ok(ok) => pb::IssueStreamResponse {
+                            request_id: ok.request_id.clone(),
+                            result: Some(pb::issue_stream_response::Result::Ok(ok)),
+                        },
+                        Err(d) => pb::IssueStreamResponse {
+                            request_id: if d.request_id.is_empty() {
+                                given
+                            } else {
+                                d.request_id.clone()
+                            },
+                            result: Some(pb::issue_stream_response::Result::Error(d)),
+                        },
+                    };
+                    let _ = tx.send(Ok(msg)).await;
+                });
+                if over {
+                    break;
+                }
+            }
+            // Wait for the items in progress before the response stream ends.
+            let _ = gate.acquire_many(STREAM_CONCURRENCY as u32).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_signing_info(
+        &self,
+        req: Request<pb::GetSigningInfoRequest>,
+    ) -> Result<Response<pb::GetSigningInfoResponse>, Status> {
+        self.authz.authorize(&req, Service::Issuance, "")?;
+        let signers = CertType::ALL
+            .iter()
+            .filter_map(|t| {
+                self.issuer.dsc_for(*t).map(|d| pb::SigningInfo {
+                    r#type: pb_type(*t) as i32,
+                    kid: d.dsc.kid.to_vec(),
+                    certificate: d.dsc.cert_der.clone(),
+                    not_before: d.dsc.not_before.unix_timestamp(),
+                    not_after: d.dsc.not_after.unix_timestamp(),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::GetSigningInfoResponse { signers }))
+    }
+}

@@ -1,0 +1,190 @@
+//! `dccsign serve`: start-up checks, then the gRPC server until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Server;
+
+use super::authz::Authorizer;
+use super::health;
+use super::issuance::IssuanceService;
+use super::limits::Limits;
+use super::pb;
+use super::tls;
+use crate::config::Config;
+use crate::hsm::Token;
+use crate::issuance::{Issuer, IssuerSettings};
+use crate::keys::DscSet;
+use crate::ledger::SqliteLedger;
+
+/// Why the daemon could not start or stopped with an error. Each is one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration lacks what `serve` needs.
+    #[error("config: {0}")]
+    Config(String),
+    /// The token could not be opened (module, token, PIN, PIN file mode).
+    #[error("HSM: {0}")]
+    Hsm(#[from] crate::hsm::HsmError),
+    /// A configured DSC is unusable (missing key, mismatching key, EKU, expired).
+    #[error("{0}")]
+    Keys(#[from] crate::keys::KeysError),
+    /// The ledger could not be opened.
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// TLS material is missing or invalid.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsSetupError),
+    /// A listener could not be bound, or the server failed.
+    #[error("server: {0}")]
+    Server(String),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the daemon with `cfg` until a shutdown signal; `on_ready` receives the bound gRPC
+/// address once it accepts connections.
+pub async fn serve(
+    cfg: Config,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), ServeError> {
+    let server_cfg = cfg
+        .server
+        .clone()
+        .ok_or_else(|| ServeError::Config("no [server] section".into()))?;
+    let now = time::OffsetDateTime::now_utc();
+
+    // Start-up checks, each failing with one line.
+    let tls_config = tls::server_config(
+        &cfg.resolve(&server_cfg.certificate),
+        &cfg.resolve(&server_cfg.key),
+        &cfg.resolve(&server_cfg.client_ca),
+    )?;
+    let token_settings = cfg.token_settings();
+    let (token, dscs) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let token = Token::open(&token_settings)?;
+        Ok(token)
+    })
+    .await
+    .map_err(|e| ServeError::Server(e.to_string()))?
+    .and_then(|token| {
+        let dscs = DscSet::load(&cfg, &token, now)?;
+        Ok((token, dscs))
+    })?;
+    if dscs.iter().next().is_none() {
+        return Err(ServeError::Config(
+            "no [[dsc]] configured: nothing could be signed".into(),
+        ));
+    }
+    let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
+    let pool = token.signing_pool(cfg.pool_size(), cfg.hsm.queue)?;
+    let issuer = Arc::new(Issuer::new(
+        IssuerSettings::from_config(&cfg),
+        &dscs,
+        pool,
+        Arc::new(ledger),
+    ));
+
+    if let Some(addr) = server_cfg.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+            .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
+            .install()
+            .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))?;
+    }
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(
+            health::ISSUANCE_SERVICE,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+    tokio::spawn(health::run(
+        issuer.clone(),
+        reporter,
+        Duration::from_secs(server_cfg.health_interval_seconds.max(1)),
+    ));
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
+
+    let service = IssuanceService::new(
+        issuer.clone(),
+        Arc::new(Authorizer::new(&cfg.clients)),
+        Arc::new(Limits::new(
+            server_cfg.max_in_flight_per_client,
+            server_cfg.rate_per_second,
+            server_cfg.rate_burst,
+        )),
+        server_cfg.max_stream_items,
+    );
+    let issuance = pb::issuance_server::IssuanceServer::new(service)
+        .max_decoding_message_size(server_cfg.max_message_bytes);
+
+    let listener = tokio::net::TcpListener::bind(server_cfg.listen)
+        .await
+        .map_err(|e| ServeError::Server(format!("cannot listen on {}: {e}", server_cfg.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Server(e.to_string()))?;
+    let incoming = tls::incoming(listener, tls_config, Duration::from_secs(10));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grace = Duration::from_secs(server_cfg.shutdown_grace_seconds);
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(issuance)
+        .serve_with_incoming_shutdown(incoming, {
+            let stop_tx = stop_tx.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown: no new connections; finishing requests in flight");
+                let _ = stop_tx.send(true);
+            }
+        });
+    on_ready(local);
+    tracing::info!(listen = %local, "serving");
+    let mut stop_rx = stop_rx;
+    tokio::select! {
+        r = server => r.map_err(|e| ServeError::Server(e.to_string()))?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown: grace period over; requests still in flight are dropped");
+        }
+    }
+    // The issuer (pool, ledger connection) is dropped here: workers join, SQLite closes.
+    drop(issuer);
+    tracing::info!("stopped");
+    Ok(())
+}

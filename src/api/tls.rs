@@ -1,0 +1,198 @@
+//! Mutual TLS for the daemon with rustls: TLS 1.3 only, a client certificate is required and
+//! must chain to the configured client CA bundle (unknown CA, expired or missing certificates
+//! fail the handshake). The caller's identity — the client certificate's first URI SAN, else
+//! its first DNS SAN — is read once per connection and handed to every request on it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use der::Decode;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// URI or DNS SAN of the verified client certificate; `None` if it has neither.
+    pub identity: Option<String>,
+}
+
+/// The identity in a client certificate: the first URI SAN, else the first DNS SAN.
+pub fn identity_of(cert_der: &[u8]) -> Option<String> {
+    let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
+    let (_, san) = cert.tbs_certificate.get::<SubjectAltName>().ok()??;
+    let uri = san.0.iter().find_map(|n| match n {
+        GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+        _ => None,
+    });
+    uri.or_else(|| {
+        san.0.iter().find_map(|n| match n {
+            GeneralName::DnsName(d) => Some(d.to_string()),
+            _ => None,
+        })
+    })
+}
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+#[error("TLS setup: {0}")]
+pub struct TlsSetupError(pub String);
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsSetupError(format!("{}: no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// The server's rustls configuration.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<rustls::ServerConfig, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(client_ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsSetupError(format!("client CA: {e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsSetupError(format!("{}: {e}", key.display())))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsSetupError(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(cert)?, key)
+        .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A TLS connection with its verified peer.
+pub struct MtlsStream {
+    inner: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for MtlsStream {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (each bounded by
+/// `handshake_timeout`); verified connections come out of the returned stream. Failed
+/// handshakes are logged and counted, never passed on.
+pub fn incoming(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    handshake_timeout: Duration,
+) -> tokio_stream::wrappers::ReceiverStream<Result<MtlsStream, std::io::Error>> {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, addr) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                break;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let identity = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| identity_of(c.as_ref()));
+                        let stream = MtlsStream {
+                            inner: tls,
+                            peer: Peer { addr, identity },
+                        };
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics::counter!("dccsign_tls_handshake_failures_total").increment(1);
+                        tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => {
+                        metrics::counter!("dccsign_tls_handshake_failures_total").increment(1);
+                        tracing::info!(peer = %addr, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

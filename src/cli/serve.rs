@@ -1,0 +1,255 @@
+//! `dccsign serve` and `dccsign issue` (the mTLS client).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dccsign::api::pb;
+use dccsign::config::Config;
+use dccsign::dcc::CertType;
+
+use super::{ConfigArgs, EXIT_REJECTED};
+
+/// Arguments of `serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Development mode: run `dev-init` on the state directory first (idempotent).
+    #[arg(long, requires = "state_dir")]
+    dev: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Override `server.listen` (port 0 picks a free port; the bound address is printed).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Override `server.metrics_listen`; `none` disables metrics.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))
+}
+
+fn load(args: &ServeArgs) -> Result<Config, String> {
+    if args.dev {
+        let dir = args
+            .config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./var"));
+        let report = dccsign::keys::dev_init(&dir, "SE").map_err(|e| format!("dev-init: {e}"))?;
+        for c in &report.created {
+            eprintln!("dev-init: created {c}");
+        }
+    }
+    let mut cfg = args.config.load()?;
+    let server = cfg
+        .server
+        .as_mut()
+        .ok_or("the config has no [server] section")?;
+    if let Some(l) = args.listen {
+        server.listen = l;
+    }
+    match args.metrics_listen.as_deref() {
+        None => {}
+        Some("none") => server.metrics_listen = None,
+        Some(a) => {
+            server.metrics_listen = Some(
+                a.parse()
+                    .map_err(|_| format!("--metrics-listen: bad address {a}"))?,
+            )
+        }
+    }
+    Ok(cfg)
+}
+
+/// Runs `serve`.
+pub fn serve(args: ServeArgs) -> ExitCode {
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state_hint = args
+        .config
+        .state_dir
+        .as_ref()
+        .map(|d| format!("--state-dir {}", d.display()))
+        .unwrap_or_else(|| "--config …".into());
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(dccsign::api::serve(cfg, |addr| {
+        // Written once; a closed stdout must never take the daemon down.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "dccsign: serving gRPC over mutual TLS on {addr}\n\
+             try:     dccsign issue {state_hint} --addr {addr} --type vaccination --payload <(dccsign example-payload --type vaccination)"
+        );
+        let _ = out.flush();
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Arguments of `issue`.
+#[derive(clap::Args, Debug)]
+pub struct IssueArgs {
+    /// State directory of a development daemon (certificates under pki/).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Development client to act as (a certificate under <state-dir>/pki/clients/).
+    #[arg(long = "as", default_value = "issuer-all")]
+    as_client: String,
+    /// Client certificate (PEM); overrides --state-dir/--as.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA bundle for the server certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Server address; default from the state dir's config.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Certificate type: test, vaccination or recovery.
+    #[arg(long = "type")]
+    cert_type: CertType,
+    /// DCC JSON payload file (`-` for standard input).
+    #[arg(long)]
+    payload: PathBuf,
+    /// Request id (unique per client); the server generates one if absent.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Write the QR code as PNG.
+    #[arg(long)]
+    qr: Option<PathBuf>,
+}
+
+/// Runs `issue`.
+pub fn issue(args: IssueArgs) -> ExitCode {
+    match issue_inner(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn issue_inner(args: IssueArgs) -> Result<ExitCode, String> {
+    let state = args.state_dir.clone();
+    let from_state = |rel: String| state.as_ref().map(|d| d.join(rel));
+    let cert = args
+        .cert
+        .clone()
+        .or_else(|| from_state(format!("pki/clients/{}.pem", args.as_client)))
+        .ok_or("give --cert/--key/--ca or --state-dir")?;
+    let key = args
+        .key
+        .clone()
+        .or_else(|| from_state(format!("pki/clients/{}.key", args.as_client)))
+        .ok_or("give --key")?;
+    let ca = args
+        .ca
+        .clone()
+        .or_else(|| from_state("pki/tls/ca.pem".into()))
+        .ok_or("give --ca")?;
+    let addr = match (&args.addr, &state) {
+        (Some(a), _) => a.clone(),
+        (None, Some(d)) => Config::load(&d.join("dccsign.toml"))
+            .map_err(|e| e.to_string())?
+            .server
+            .map(|s| s.listen.to_string())
+            .ok_or("the config has no [server] section; give --addr")?,
+        (None, None) => return Err("give --addr".into()),
+    };
+    let payload = super::issue::read_payload(&args.payload)
+        .map_err(|e| format!("{}: {e}", args.payload.display()))?;
+    let payload =
+        String::from_utf8(payload).map_err(|_| "the payload is not UTF-8 JSON".to_string())?;
+    let t = match args.cert_type {
+        CertType::Test => pb::CertificateType::Test,
+        CertType::Vaccination => pb::CertificateType::Vaccination,
+        CertType::Recovery => pb::CertificateType::Recovery,
+    };
+    let req = pb::IssueRequest {
+        request_id: args.request_id.clone().unwrap_or_default(),
+        r#type: t as i32,
+        payload: Some(pb::issue_request::Payload::PayloadJson(payload)),
+        want_qr: if args.qr.is_some() {
+            pb::QrFormat::Png as i32
+        } else {
+            pb::QrFormat::None as i32
+        },
+    };
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let channel =
+            dccsign::api::client::connect(&addr, &cert, &key, &ca, &args.server_name).await?;
+        Ok::<_, String>(dccsign::api::client::issuance(channel).issue(req).await)
+    })?;
+    match result {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            if let Some(p) = &args.qr {
+                std::fs::write(p, &r.qr_png).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            eprintln!(
+                "issued {} kid {} request {} valid until {}",
+                r.uvci,
+                hex::encode(&r.kid),
+                r.request_id,
+                super::fmt_time(Some(r.exp))
+            );
+            println!("{}", r.hc1);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => {
+            use prost::Message;
+            eprintln!("refused: {:?}: {}", status.code(), status.message());
+            let detail = status
+                .metadata()
+                .get_bin("dccsign-error-bin")
+                .and_then(|v| v.to_bytes().ok())
+                .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok());
+            if let Some(d) = detail {
+                for v in &d.violations {
+                    eprintln!("  {}: {} [{} {}]", v.field, v.message, v.code, v.rule);
+                }
+                eprintln!("  code {} request {}", d.code, d.request_id);
+            }
+            let client_side = matches!(
+                status.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::PermissionDenied
+            );
+            Ok(if client_side {
+                ExitCode::from(EXIT_REJECTED)
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Development TLS material for the daemon's mutual TLS: a TLS CA whose key lives in the token,
+//! a server certificate for localhost, and client certificates whose URI SAN is the identity
+//! the daemon authorises (`spiffe://dccsign.dev/<name>`).
+//!
+//! Leaf keys are generated in software and written as mode-0600 PKCS#8 files: TLS clients and
+//! the server's TLS stack need them as files. The CA key, which can mint identities, never
+//! leaves the token.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use der::asn1::{Ia5String, OctetString};
+use p256::pkcs8::{EncodePrivateKey, LineEnding};
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::Certificate;
+
+use super::certificate::{build_leaf, to_pem, CertProfile};
+use super::KeysError;
+use crate::hsm::{KeyHandle, Token};
+
+/// Trust domain of development client identities.
+pub const DEV_IDENTITY_PREFIX: &str = "spiffe://dccsign.dev/";
+
+/// The development identity URI for a client name.
+pub fn dev_identity(name: &str) -> String {
+    format!("{DEV_IDENTITY_PREFIX}{name}")
+}
+
+fn b(e: impl std::fmt::Display) -> KeysError {
+    KeysError::Build(e.to_string())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeysError + '_ {
+    move |source| KeysError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What a TLS leaf certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRole {
+    /// `serverAuth`, SAN DNS `localhost` and IPs 127.0.0.1 and ::1.
+    Server,
+    /// `clientAuth`, SAN URI = the identity.
+    Client,
+}
+
+/// Issues a TLS leaf (certificate + fresh P-256 key) signed by the CA key in the token, and
+/// writes `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600). Returns the two paths.
+#[allow(clippy::too_many_arguments)]
+pub fn issue_tls_leaf(
+    token: &Token,
+    ca_key: &KeyHandle,
+    ca_cert: &Certificate,
+    dir: &Path,
+    name: &str,
+    role: TlsRole,
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<(PathBuf, PathBuf), KeysError> {
+    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let mut names = Vec::new();
+    let eku = match role {
+        TlsRole::Server => {
+            names.push(GeneralName::DnsName(
+                Ia5String::new("localhost").map_err(b)?,
+            ));
+            for ip in ["127.0.0.1", "::1"] {
+                let ip = IpAddr::from_str(ip).map_err(b)?;
+                let octets = match ip {
+                    IpAddr::V4(v) => v.octets().to_vec(),
+                    IpAddr::V6(v) => v.octets().to_vec(),
+                };
+                names.push(GeneralName::IpAddress(OctetString::new(octets).map_err(b)?));
+            }
+            const_oid::db::rfc5280::ID_KP_SERVER_AUTH
+        }
+        TlsRole::Client => {
+            names.push(GeneralName::UniformResourceIdentifier(
+                Ia5String::new(&dev_identity(name)).map_err(b)?,
+            ));
+            const_oid::db::rfc5280::ID_KP_CLIENT_AUTH
+        }
+    };
+    let cert = build_leaf(
+        token,
+        ca_key,
+        ca_cert,
+        &secret.public_key(),
+        &[eku],
+        Some(SubjectAltName(names)),
+        &CertProfile {
+            subject: format!("CN={name},O=dccsign development"),
+            not_before,
+            lifetime,
+        },
+    )?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key_path = dir.join(format!("{name}.key"));
+    let cert_path = dir.join(format!("{name}.pem"));
+    let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(b)?;
+    write_private(&key_path, pem.as_bytes())?;
+    std::fs::write(&cert_path, to_pem(&cert)?).map_err(io(&cert_path))?;
+    Ok((cert_path, key_path))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeysError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}

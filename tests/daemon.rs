@@ -1,0 +1,486 @@
+//! The daemon end to end: real process on an ephemeral 127.0.0.1 port, real mutual TLS, real
+//! SoftHSM. Every HC1 is verified by our verifier and the independent `dgc` crate.
+
+mod common;
+
+use base64::Engine;
+use common::{error_detail, issue_request, pem_der, Daemon, Dev};
+use dccsign::api::pb;
+use serde_json::json;
+
+fn verify_both(d: &Dev, t: &str, hc1: &str) {
+    let out = d.run(&["verify", "--trust", d.dsc_pem(t).to_str().unwrap(), hc1]);
+    assert!(out.status.success(), "our verify: {}", common::stderr(&out));
+    let mut trust = dgc::TrustList::default();
+    trust
+        .add_key_from_certificate(
+            &base64::engine::general_purpose::STANDARD.encode(pem_der(&d.dsc_pem(t))),
+        )
+        .unwrap();
+    let (_, validity) = dgc::validate(hc1, &trust).unwrap();
+    assert!(
+        matches!(validity, dgc::SignatureValidity::Valid),
+        "dgc rejected {t}"
+    );
+}
+
+/// A connection refused during the TLS handshake surfaces on the client's first call as a
+/// transport error (with TLS 1.3 the server checks the client certificate after the client
+/// considers the handshake done).
+fn refused_by_tls(e: &tonic::Status) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    ) && !e.metadata().contains_key("grpc-status-details-bin")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn unary_issue_of_every_type_over_mtls() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        for t in ["test", "vaccination", "recovery"] {
+            let p = d.dev.example(t);
+            let r = c
+                .issue(issue_request(t, &p, &format!("unary-{t}")))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.request_id, format!("unary-{t}"));
+            assert!(r.uvci.starts_with("URN:UVCI:01:SE:DEV/"));
+            assert_eq!(r.kid.len(), 8);
+            assert!(r.exp > r.iat);
+            assert_eq!(dccsign::cose::hc1::decode(&r.hc1).unwrap(), r.cose);
+            verify_both(&d.dev, t, &r.hc1);
+        }
+        // Without a request id the server makes one.
+        let r = c
+            .issue(issue_request("test", &d.dev.example("test"), ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.request_id.starts_with("srv-"), "{}", r.request_id);
+        // GetSigningInfo names the DSC that signed.
+        let info = c
+            .get_signing_info(pb::GetSigningInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.signers.len(), 3);
+        let test = info
+            .signers
+            .iter()
+            .find(|s| s.r#type == pb::CertificateType::Test as i32)
+            .unwrap();
+        assert_eq!(test.kid, r.kid);
+        assert_eq!(test.certificate, pem_der(&d.dev.dsc_pem("test")));
+    });
+}
+
+#[test]
+fn stream_with_mixed_items_answers_each() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let mut bad_result = d.dev.example("test");
+        bad_result["t"][0]["tr"] = json!("260373001");
+        let items = vec![
+            issue_request("vaccination", &d.dev.example("vaccination"), "s-1"),
+            issue_request("test", &bad_result, "s-2"),
+            issue_request("recovery", &d.dev.example("recovery"), "s-3"),
+            issue_request("vaccination", &d.dev.example("test"), "s-4"), // type mismatch
+            issue_request("test", &d.dev.example("test"), "s-5"),
+            pb::IssueRequest {
+                request_id: "s-6".into(),
+                r#type: 0,
+                payload: None,
+                want_qr: 0,
+            },
+        ];
+        let resp = c
+            .issue_stream(tokio_stream::iter(items))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = std::collections::HashMap::new();
+        let mut resp = resp;
+        while let Some(m) = resp.message().await.unwrap() {
+            got.insert(m.request_id.clone(), m.result.unwrap());
+        }
+        assert_eq!(got.len(), 6, "{got:?}");
+        for (id, t) in [("s-1", "vaccination"), ("s-3", "recovery"), ("s-5", "test")] {
+            match &got[id] {
+                pb::issue_stream_response::Result::Ok(r) => verify_both(&d.dev, t, &r.hc1),
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+        let err = |id: &str| match &got[id] {
+            pb::issue_stream_response::Result::Error(e) => e.clone(),
+            other => panic!("{id} should fail: {other:?}"),
+        };
+        assert_eq!(err("s-2").violations[0].field, "t[0].tr");
+        assert_eq!(err("s-2").violations[0].rule, "test-result-not-negative");
+        assert_eq!(err("s-4").violations[0].rule, "type-mismatch");
+        assert_eq!(err("s-6").code, "2-60-1001-40");
+    });
+    assert_eq!(d.dev.ledger_counts(), (0, 3));
+}
+
+#[test]
+fn errors_carry_status_code_field_and_stable_code() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let mut p = d.dev.example("test");
+        p["t"][0]["tr"] = json!("260373001");
+        p["nam"]["fnt"] = json!("ZZMARKERZZ lower");
+        let s = c
+            .issue(issue_request("test", &p, "bad-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(!s.message().contains("ZZMARKERZZ"));
+        let det = error_detail(&s);
+        assert_eq!(det.request_id, "bad-1");
+        let fields: Vec<_> = det
+            .violations
+            .iter()
+            .map(|v| (v.field.as_str(), v.code.as_str()))
+            .collect();
+        assert!(fields.contains(&("t[0].tr", "2-60-1001-21")), "{fields:?}");
+        assert!(fields.contains(&("nam.fnt", "2-60-1001-11")), "{fields:?}");
+        // The standard rich error model carries the same violations.
+        use tonic_types::StatusExt;
+        let bad = s.get_details_bad_request().expect("google.rpc.BadRequest");
+        assert_eq!(bad.field_violations.len(), det.violations.len());
+
+        // A reused UVCI is ALREADY_EXISTS.
+        let mut v = d.dev.example("vaccination");
+        v["v"][0]["ci"] = json!("URN:UVCI:01:SE:DEV/REUSED00001");
+        c.issue(issue_request("vaccination", &v, "u-1"))
+            .await
+            .unwrap();
+        let s = c
+            .issue(issue_request("vaccination", &v, "u-2"))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::AlreadyExists);
+        assert_eq!(error_detail(&s).code, "2-60-1001-91");
+    });
+}
+
+#[test]
+fn mtls_and_authorization_refusals() {
+    let d = Daemon::start();
+    // An expired certificate from the right CA, and a valid one for an unknown identity.
+    let past = (time::OffsetDateTime::now_utc() - time::Duration::days(3))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let dir = d.dev.path().to_str().unwrap();
+    assert!(d
+        .dev
+        .run(&[
+            "dev-client-cert",
+            "--state-dir",
+            dir,
+            "--name",
+            "expired",
+            "--not-before",
+            &past,
+            "--hours",
+            "1"
+        ])
+        .status
+        .success());
+    assert!(d
+        .dev
+        .run(&["dev-client-cert", "--state-dir", dir, "--name", "stranger"])
+        .status
+        .success());
+    let other = Dev::new(); // another CA
+    rt().block_on(async {
+        let p = d.dev.example("vaccination");
+        let req = || issue_request("vaccination", &p, "");
+        // Expired certificate: the handshake fails, no RPC gets through.
+        let expired = d.channel("expired").await;
+        if let Ok(ch) = expired {
+            let e = dccsign::api::client::issuance(ch)
+                .issue(req())
+                .await
+                .unwrap_err();
+            assert!(refused_by_tls(&e), "{e}");
+        }
+        // A certificate from another CA.
+        let foreign = dccsign::api::client::connect(
+            &d.addr,
+            &other.file("pki/clients/issuer-all.pem"),
+            &other.file("pki/clients/issuer-all.key"),
+            &d.dev.file("pki/tls/ca.pem"),
+            "localhost",
+        )
+        .await;
+        if let Ok(ch) = foreign {
+            let e = dccsign::api::client::issuance(ch)
+                .issue(req())
+                .await
+                .unwrap_err();
+            assert!(refused_by_tls(&e), "{e}");
+        }
+        // No client certificate at all.
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(d.dev.file("pki/tls/ca.pem")).unwrap(),
+            ))
+            .domain_name("localhost");
+        let anon = tonic::transport::Endpoint::from_shared(format!("https://{}", d.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(ch) = anon {
+            let e = dccsign::api::client::issuance(ch)
+                .issue(req())
+                .await
+                .unwrap_err();
+            assert!(refused_by_tls(&e), "{e}");
+        }
+        // Verified, but not configured.
+        let e = dccsign::api::client::issuance(d.channel("stranger").await.unwrap())
+            .issue(req())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(error_detail(&e).code, "2-60-9001");
+        // issuer-test may issue test certificates only.
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-test").await.unwrap());
+        let e = c.issue(req()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(error_detail(&e).code, "2-60-9001");
+        let ok = c
+            .issue(issue_request("test", &d.dev.example("test"), ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            ok.uvci.starts_with("URN:UVCI:01:SE:DEVTEST/"),
+            "{}",
+            ok.uvci
+        );
+        // An officer may not call the Issuance service.
+        let e = dccsign::api::client::issuance(d.channel("officer-1").await.unwrap())
+            .issue(req())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    });
+    let log = d.log();
+    assert!(log.matches("TLS handshake refused").count() >= 3, "{log}");
+    assert!(log.contains("expired"), "{log}");
+    // Only the issuer-test certificate was signed.
+    assert_eq!(d.dev.ledger_counts(), (0, 1));
+}
+
+#[test]
+fn health_reports_serving_after_the_canary() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let mut serving = false;
+        for _ in 0..50 {
+            let r = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "dccsign.v1.Issuance".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                serving = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(serving, "never SERVING:\n{}", d.log());
+    });
+}
+
+#[test]
+fn overload_is_refused_and_the_daemon_stays_healthy() {
+    let dev = Dev::new();
+    let d = Daemon::start_with(dev, |cfg| {
+        *cfg = cfg.replace(
+            "max_in_flight_per_client = 256",
+            "max_in_flight_per_client = 2",
+        );
+    });
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        let p = d.dev.example("vaccination");
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let mut c = dccsign::api::client::issuance(ch.clone());
+            let req = issue_request("vaccination", &p, &format!("o-{i}"));
+            tasks.push(tokio::spawn(async move { c.issue(req).await }));
+        }
+        let (mut ok, mut exhausted) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => exhausted += 1,
+                Err(s) => panic!("unexpected {s}"),
+            }
+        }
+        assert!(exhausted > 0, "no request was refused ({ok} ok)");
+        assert!(ok > 0);
+        // Still serving.
+        let mut c = dccsign::api::client::issuance(ch);
+        c.issue(issue_request("vaccination", &p, "after"))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn graceful_shutdown_keeps_every_acknowledged_certificate() {
+    let mut d = Daemon::start();
+    let acknowledged = rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        let p = d.dev.example("vaccination");
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let mut c = dccsign::api::client::issuance(ch.clone());
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut uvcis = Vec::new();
+                for i in 0..200 {
+                    match c
+                        .issue(issue_request("vaccination", &p, &format!("g-{w}-{i}")))
+                        .await
+                    {
+                        Ok(r) => uvcis.push(r.into_inner().uvci),
+                        Err(_) => break,
+                    }
+                }
+                uvcis
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let pid = d.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}\n{}", d.log());
+    assert!(!acknowledged.is_empty());
+    use dccsign::ledger::Ledger;
+    let ledger = dccsign::ledger::SqliteLedger::open(&d.dev.file("ledger.sqlite")).unwrap();
+    for u in &acknowledged {
+        let rec = ledger
+            .find_by_uci_hash(&dccsign::revocation::hash::uci_hash(u))
+            .unwrap()
+            .unwrap_or_else(|| panic!("acknowledged {u} has no ledger row"));
+        assert_eq!(rec.state, "signed");
+    }
+    assert!(d.log().contains("shutdown"), "{}", d.log());
+}
+
+#[test]
+fn no_personal_data_in_daemon_logs_or_ledger() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let mut p = d.dev.example("test");
+        p["nam"] = json!({"fn": "Zzmarkerzz", "fnt": "ZZMARKERZZ", "gn": "Qqmarkerqq", "gnt": "QQMARKERQQ"});
+        p["dob"] = json!("1931-07-13");
+        c.issue(issue_request("test", &p, "pd-1")).await.unwrap();
+        let mut bad = p.clone();
+        bad["nam"]["fnt"] = json!("ZZMARKERZZ lower");
+        bad["t"][0]["tc"] = json!("ZZMARKERZZ");
+        let _ = c.issue(issue_request("test", &bad, "pd-2")).await.unwrap_err();
+    });
+    let log = d.log();
+    assert!(log.contains("pd-1"), "request ids are logged:\n{log}");
+    for needle in [
+        "ZZMARKERZZ",
+        "Zzmarkerzz",
+        "QQMARKERQQ",
+        "Qqmarkerqq",
+        "1931-07-13",
+    ] {
+        assert!(!log.contains(needle), "{needle} in the daemon log");
+        for f in ["ledger.sqlite", "ledger.sqlite-wal"] {
+            if let Ok(bytes) = std::fs::read(d.dev.file(f)) {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{needle} in {f}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn startup_refusals_are_one_line_reasons() {
+    // A world-readable PIN file.
+    let dev = Dev::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dev.file("secrets/user.pin"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+    }
+    let out = dev.run(&[
+        "serve",
+        "--state-dir",
+        dev.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "none",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(err.contains("chmod 600"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A DSC whose key is not in the token.
+    let dev = Dev::new();
+    let cfg = std::fs::read_to_string(dev.file("dccsign.toml"))
+        .unwrap()
+        .replace("object=dsc-recovery;", "object=dsc-missing;");
+    std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
+    let out = dev.run(&[
+        "serve",
+        "--state-dir",
+        dev.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "none",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("no private key labelled \"dsc-missing\""),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
