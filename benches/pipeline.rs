@@ -114,6 +114,7 @@ fn hsm(c: &mut Criterion) {
         &dscs,
         pool,
         Arc::new(ledger),
+        None,
     );
     let json = serde_json::to_vec(&payload(now)).unwrap();
     g.bench_function("whole_pipeline", |b| {

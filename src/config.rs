@@ -71,6 +71,11 @@ pub struct IssuerConfig {
     pub country: String,
     /// Issuing-entity part of generated UVCIs (`URN:UVCI:01:SE:<prefix>/…`): A-Z, 0-9.
     pub uvci_prefix: String,
+    /// HMAC key in the token (label or `pkcs11:` URI) from which generated UVCIs are derived per
+    /// client and request id, so that retried requests get the same UVCI. Without it, generated
+    /// UVCIs are random and a retried request whose UVCI was generated cannot be answered.
+    #[serde(default)]
+    pub uvci_key: Option<String>,
 }
 
 /// The PKCS#11 token.
@@ -385,6 +390,25 @@ impl Config {
         if let Some(p) = &self.hsm.softhsm2_conf {
             std::env::set_var("SOFTHSM2_CONF", self.resolve(p));
         }
+    }
+
+    /// The UVCI key on `token`, if configured.
+    pub fn uvci_key(
+        &self,
+        token: &std::sync::Arc<crate::hsm::Token>,
+    ) -> Result<Option<crate::issuance::UvciKey>, crate::hsm::HsmError> {
+        let Some(k) = &self.issuer.uvci_key else {
+            return Ok(None);
+        };
+        let label = if k.starts_with("pkcs11:") {
+            k.parse::<crate::hsm::KeyUri>()?.object
+        } else {
+            k.clone()
+        };
+        Ok(Some(crate::issuance::UvciKey {
+            token: token.clone(),
+            key: token.find_hmac_key(&label)?,
+        }))
     }
 
     /// Number of signing sessions to open.

@@ -484,3 +484,49 @@ fn startup_refusals_are_one_line_reasons() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn idempotent_request_ids_survive_a_restart() {
+    let mut d = Daemon::start();
+    let p = d.dev.example("vaccination");
+    let first = rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let a = c
+            .issue(issue_request("vaccination", &p, "idem-1"))
+            .await
+            .unwrap()
+            .into_inner();
+        let b = c
+            .issue(issue_request("vaccination", &p, "idem-1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(a, b, "same id, same payload: the stored response");
+        let mut other = p.clone();
+        other["v"][0]["dn"] = json!(1);
+        let e = c
+            .issue(issue_request("vaccination", &other, "idem-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert_eq!(error_detail(&e).code, "2-60-1001-92");
+        a
+    });
+    assert_eq!(d.dev.ledger_counts(), (0, 1));
+    d.restart();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let again = c
+            .issue(issue_request("vaccination", &p, "idem-1"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again, first, "after a restart, still the same bytes");
+        // Another client's identical request id is its own.
+        let mut t = dccsign::api::client::issuance(d.channel("issuer-test").await.unwrap());
+        t.issue(issue_request("test", &d.dev.example("test"), "idem-1"))
+            .await
+            .unwrap();
+    });
+    assert_eq!(d.dev.ledger_counts(), (0, 2));
+}

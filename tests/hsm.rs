@@ -133,3 +133,22 @@ fn unknown_token_is_reported() {
         Err(HsmError::TokenNotFound(_))
     ));
 }
+
+#[test]
+fn hmac_keys_stay_in_the_token_and_are_deterministic() {
+    let t = token();
+    let k = t.generate_hmac_key("hmac-key").unwrap();
+    assert!(matches!(
+        t.generate_hmac_key("hmac-key"),
+        Err(HsmError::KeyExists(_))
+    ));
+    let a = t.hmac_sha256(&k, b"client\0request-1").unwrap();
+    let again = t
+        .hmac_sha256(&t.find_hmac_key("hmac-key").unwrap(), b"client\0request-1")
+        .unwrap();
+    let b = t.hmac_sha256(&k, b"client\0request-2").unwrap();
+    assert_eq!(a, again);
+    assert_ne!(a, b);
+    let other = t.generate_hmac_key("hmac-key-2").unwrap();
+    assert_ne!(t.hmac_sha256(&other, b"client\0request-1").unwrap(), a);
+}

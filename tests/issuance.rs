@@ -10,7 +10,8 @@ use dccsign::hsm::Token;
 use dccsign::issuance::{IssueError, Issuer, IssuerSettings, Payload};
 use dccsign::keys::DscSet;
 use dccsign::ledger::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, Reservation, ReservationId, SqliteLedger,
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, RequestKey, Reservation, ReservationId,
+    SqliteLedger, StoredRequest,
 };
 use dccsign::revocation::hash::RevocationHash;
 use sha2::{Digest, Sha256};
@@ -18,7 +19,7 @@ use sha2::{Digest, Sha256};
 struct Env {
     _dir: tempfile::TempDir,
     cfg: Config,
-    token: Token,
+    token: Arc<Token>,
 }
 
 fn env() -> &'static Env {
@@ -27,7 +28,7 @@ fn env() -> &'static Env {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let report = dccsign::keys::dev_init(dir.path(), "SE").unwrap();
         let cfg = Config::load(&report.config).unwrap();
-        let token = Token::open(&cfg.token_settings()).unwrap();
+        let token = Arc::new(Token::open(&cfg.token_settings()).unwrap());
         Env {
             _dir: dir,
             cfg,
@@ -44,17 +45,29 @@ struct FlakyLedger {
 }
 
 impl Ledger for FlakyLedger {
-    fn reserve(&self, r: &Reservation) -> Result<ReservationId, LedgerError> {
+    fn reserve(
+        &self,
+        r: &Reservation,
+        q: Option<&RequestKey>,
+    ) -> Result<ReservationId, LedgerError> {
         if self.fail_reserve.load(Ordering::SeqCst) {
             return Err(LedgerError::Database("injected: disk I/O error".into()));
         }
-        self.inner.reserve(r)
+        self.inner.reserve(r, q)
     }
-    fn complete(&self, id: ReservationId, h: &RevocationHash) -> Result<(), LedgerError> {
+    fn complete(
+        &self,
+        id: ReservationId,
+        h: &RevocationHash,
+        sig: &[u8; 64],
+    ) -> Result<(), LedgerError> {
         if self.fail_complete.load(Ordering::SeqCst) {
             return Err(LedgerError::Database("injected: disk I/O error".into()));
         }
-        self.inner.complete(id, h)
+        self.inner.complete(id, h, sig)
+    }
+    fn find_request(&self, client: &str, id: &str) -> Result<Option<StoredRequest>, LedgerError> {
+        self.inner.find_request(client, id)
     }
     fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
         self.inner.release(id)
@@ -78,7 +91,15 @@ fn issuer(ledger: Arc<dyn Ledger>) -> Issuer {
     let now = time::OffsetDateTime::now_utc();
     let dscs = DscSet::load(&e.cfg, &e.token, now).unwrap();
     let pool = e.token.signing_pool(2, 16).unwrap();
-    Issuer::new(IssuerSettings::from_config(&e.cfg), &dscs, pool, ledger)
+    let key = e.cfg.uvci_key(&e.token).unwrap();
+    assert!(key.is_some(), "dev-init configures a UVCI key");
+    Issuer::new(
+        IssuerSettings::from_config(&e.cfg),
+        &dscs,
+        pool,
+        ledger,
+        key,
+    )
 }
 
 fn vaccination(ci: Option<&str>) -> Vec<u8> {
@@ -228,4 +249,62 @@ fn cbor_payloads_sign_like_json() {
         .unwrap_err();
     assert!(err.is_client_error());
     assert_eq!(ledger.counts().unwrap().signed, 1);
+}
+
+#[test]
+fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
+    use dccsign::issuance::RequestContext;
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let payload = vaccination(None);
+    let ctx = RequestContext {
+        client: "spiffe://x/issuer",
+        request_id: "retry-1",
+        uvci_prefix: "DEV",
+    };
+    let first = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)
+        .unwrap();
+    // Later, the same request again: same bytes, one row.
+    let later = now + time::Duration::minutes(10);
+    let again = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), later, ctx)
+        .unwrap();
+    assert_eq!(again.cose, first.cose);
+    assert_eq!(again.hc1, first.hc1);
+    assert_eq!(again.uvci, first.uvci);
+    assert_eq!(
+        ledger.counts().unwrap(),
+        LedgerCounts {
+            reserved: 0,
+            signed: 1
+        }
+    );
+    // The generated UVCI is derived in the token, not stored: the ledger has only its hash.
+    let stored = ledger
+        .find_request(ctx.client, ctx.request_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.record.reservation.uci_hash,
+        dccsign::revocation::hash::uci_hash(&first.uvci)
+    );
+    // Another payload under the same request id is refused.
+    let other = vaccination(Some("URN:UVCI:01:SE:DEV/OTHERPAYLOAD1"));
+    let err = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&other), now, ctx)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::RequestIdReused), "{err}");
+    assert_eq!(err.code(), "2-60-1001-92");
+    // Another client may use the same request id.
+    let ctx2 = RequestContext {
+        client: "spiffe://x/other",
+        ..ctx
+    };
+    let theirs = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx2)
+        .unwrap();
+    assert_ne!(theirs.uvci, first.uvci);
+    assert_eq!(ledger.counts().unwrap().signed, 2);
 }

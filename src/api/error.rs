@@ -70,7 +70,9 @@ pub fn detail(e: &IssueError, request_id: &str) -> pb::ErrorDetail {
 pub fn grpc_code(e: &IssueError) -> Code {
     match e {
         IssueError::Invalid(_) | IssueError::Lifetime { .. } => Code::InvalidArgument,
-        IssueError::DuplicateUvci => Code::AlreadyExists,
+        IssueError::DuplicateUvci | IssueError::RequestIdReused => Code::AlreadyExists,
+        IssueError::RequestInProgress => Code::Aborted,
+        IssueError::Replay(_) => Code::Internal,
         IssueError::NoSigner(_) | IssueError::SignerNotYetValid { .. } => Code::FailedPrecondition,
         IssueError::Hsm(HsmError::Overloaded) => Code::ResourceExhausted,
         IssueError::Hsm(_) | IssueError::Ledger(_) => Code::Unavailable,

@@ -15,7 +15,7 @@ use super::error::{self, codes};
 use super::limits::Limits;
 use super::pb;
 use crate::dcc::CertType;
-use crate::issuance::{Issued, Issuer, Payload};
+use crate::issuance::{Issued, Issuer, Payload, RequestContext};
 
 /// The service.
 #[derive(Clone)]
@@ -180,13 +180,17 @@ impl IssuanceService {
             .clone()
             .unwrap_or_else(|| issuer.settings().uvci_prefix.clone());
         let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
+        let client = caller.identity.clone();
         let result = tokio::task::spawn_blocking(move || {
             let now = time::OffsetDateTime::now_utc();
+            let ctx = RequestContext {
+                client: &client,
+                request_id: &p.rid,
+                uvci_prefix: &prefix,
+            };
             match &p.body {
-                Body::Json(j) => {
-                    issuer.issue_with_prefix(t, Payload::Json(j.as_bytes()), now, &prefix)
-                }
-                Body::Cbor(c) => issuer.issue_with_prefix(t, Payload::Cbor(c), now, &prefix),
+                Body::Json(j) => issuer.issue_for(t, Payload::Json(j.as_bytes()), now, ctx),
+                Body::Cbor(c) => issuer.issue_for(t, Payload::Cbor(c), now, ctx),
             }
         })
         .await

@@ -96,11 +96,14 @@ pub async fn serve(
     }
     let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
     let pool = token.signing_pool(cfg.pool_size(), cfg.hsm.queue)?;
+    let token = Arc::new(token);
+    let uvci_key = cfg.uvci_key(&token)?;
     let issuer = Arc::new(Issuer::new(
         IssuerSettings::from_config(&cfg),
         &dscs,
         pool,
         Arc::new(ledger),
+        uvci_key,
     ));
 
     if let Some(addr) = server_cfg.metrics_listen {
@@ -130,10 +133,17 @@ pub async fn serve(
         Duration::from_secs(server_cfg.health_interval_seconds.max(1)),
     ));
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl speaks v1, many stock clients still v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
+        .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
         .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
 
     let service = IssuanceService::new(
@@ -162,6 +172,7 @@ pub async fn serve(
     let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(issuance)
         .serve_with_incoming_shutdown(incoming, {
             let stop_tx = stop_tx.clone();

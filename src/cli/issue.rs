@@ -70,6 +70,7 @@ pub fn sign(args: SignArgs) -> ExitCode {
             &dscs,
             pool,
             Arc::new(ledger),
+            None,
         ))
     };
     let issuer = match setup() {

@@ -40,6 +40,27 @@ pub fn generate(country: &str, issuer_prefix: &str, rng: &mut impl rand::RngCore
     }
 }
 
+/// A UVCI whose opaque part is derived from `digest` (e.g. an HMAC kept in the HSM over the
+/// caller and its request id): the same digest always gives the same UVCI, so an idempotent
+/// replay can rebuild it without the ledger storing it. 16 characters of A-Z0-9 (~82 bits) from
+/// the first 128 bits of the digest.
+pub fn from_digest(country: &str, issuer_prefix: &str, digest: &[u8; 32]) -> String {
+    let mut n = u128::from_be_bytes(digest[..16].try_into().unwrap_or([0; 16]));
+    let mut opaque = [b'0'; OPAQUE_LEN];
+    for c in opaque.iter_mut().rev() {
+        *c = OPAQUE_CHARS[(n % OPAQUE_CHARS.len() as u128) as usize];
+        n /= OPAQUE_CHARS.len() as u128;
+    }
+    let body = format!(
+        "URN:UVCI:01:{country}:{issuer_prefix}/{}",
+        String::from_utf8_lossy(&opaque)
+    );
+    match luhn_mod38(&body) {
+        Some(c) => format!("{body}#{c}"),
+        None => body,
+    }
+}
+
 /// Checks UVCI syntax: optional `URN:UVCI:` prefix, version `01`, a two-letter country, a
 /// non-empty body of `A-Z 0-9 / :`, an optional `#` and one check character; at most 80
 /// characters. The check character is not verified (countries disagree on it in practice).
@@ -111,6 +132,17 @@ mod tests {
             assert_eq!(luhn_mod38(body).unwrap().to_string(), check);
             assert!(seen.insert(u));
         }
+    }
+
+    #[test]
+    fn derived_uvcis_are_deterministic_and_valid() {
+        let a = from_digest("SE", "DEV", &[7; 32]);
+        assert_eq!(a, from_digest("SE", "DEV", &[7; 32]));
+        assert_ne!(a, from_digest("SE", "DEV", &[8; 32]));
+        check_syntax(&a, Some("SE")).unwrap();
+        let (body, check) = a.split_once('#').unwrap();
+        assert_eq!(luhn_mod38(body).unwrap().to_string(), check);
+        assert_eq!(body.len(), "URN:UVCI:01:SE:DEV/".len() + 16);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub(crate) use pin::write_pin_file_new;
 pub use pin::{load_pin, PinSource};
 pub use pool::{SignReply, SigningPool};
 pub use signer::TokenSigner;
-pub use token::{KeyHandle, Token, TokenSettings};
+pub use token::{KeyHandle, SecretKeyHandle, Token, TokenSettings};
 pub use uri::KeyUri;
 
 /// PKCS#11 module path of SoftHSM v2 on Debian.

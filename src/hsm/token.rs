@@ -34,6 +34,14 @@ pub struct TokenSettings {
     pub base_dir: PathBuf,
 }
 
+/// A secret (HMAC) key on the token.
+#[derive(Debug, Clone)]
+pub struct SecretKeyHandle {
+    /// `CKA_LABEL`.
+    pub label: String,
+    handle: ObjectHandle,
+}
+
 /// A private key on the token, with its public half read from the token.
 #[derive(Debug, Clone)]
 pub struct KeyHandle {
@@ -261,6 +269,58 @@ impl Token {
         let session = self.anchor();
         let sig = session.sign(&Mechanism::Ecdsa, key.private, digest)?;
         to_raw64(sig)
+    }
+
+    /// Generates a 256-bit HMAC key inside the token (`CKK_GENERIC_SECRET`, sensitive,
+    /// non-extractable, sign only). Refuses a label that already exists.
+    pub fn generate_hmac_key(&self, label: &str) -> Result<SecretKeyHandle, HsmError> {
+        if self.find_object(ObjectClass::SECRET_KEY, label)?.is_some() {
+            return Err(HsmError::KeyExists(label.to_string()));
+        }
+        let template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Verify(false),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::ValueLen(32.into()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        let h = self
+            .anchor()
+            .generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
+        Ok(SecretKeyHandle {
+            label: label.to_string(),
+            handle: h,
+        })
+    }
+
+    /// The HMAC key with this label.
+    pub fn find_hmac_key(&self, label: &str) -> Result<SecretKeyHandle, HsmError> {
+        let handle = self
+            .find_object(ObjectClass::SECRET_KEY, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_string()))?;
+        Ok(SecretKeyHandle {
+            label: label.to_string(),
+            handle,
+        })
+    }
+
+    /// HMAC-SHA256 of `data` inside the token.
+    pub fn hmac_sha256(&self, key: &SecretKeyHandle, data: &[u8]) -> Result<[u8; 32], HsmError> {
+        let mac = self
+            .anchor()
+            .sign(&Mechanism::Sha256Hmac, key.handle, data)?;
+        mac.try_into().map_err(|v: Vec<u8>| {
+            HsmError::Malformed(format!("HMAC of {} bytes, expected 32", v.len()))
+        })
     }
 
     /// Whether the token would reveal the private key's `CKA_VALUE` (it must not).

@@ -94,9 +94,9 @@ impl FromStr for KeyUri {
                 "token" => token = Some(text()?),
                 "object" => object = Some(text()?),
                 "id" => id = Some(pct_decode(v)?),
-                "type" if v != "private" => {
+                "type" if v != "private" && v != "secret-key" => {
                     return Err(HsmError::Uri(format!(
-                        "type={v}: only private keys are addressed"
+                        "type={v}: only private and secret keys are addressed"
                     )))
                 }
                 _ => {}

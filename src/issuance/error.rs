@@ -25,6 +25,16 @@ pub enum IssueError {
     /// The UVCI (`ci`) is already in the ledger: UVCIs are unique per certificate.
     #[error("ci: this UVCI has already been used [2-60-1001-91 uvci-not-unique]")]
     DuplicateUvci,
+    /// The caller's request id was used before with another payload.
+    #[error("request_id: this request id was used before with another payload [2-60-1001-92 request-id-reused]")]
+    RequestIdReused,
+    /// The request id is recorded but its signature is not (yet): another attempt is in
+    /// progress, or one was interrupted.
+    #[error("request_id: an attempt with this request id is in progress or was interrupted; retry later [2-60-5008]")]
+    RequestInProgress,
+    /// A recorded request could not be rebuilt.
+    #[error("the recorded request cannot be rebuilt: {0} [2-60-5009]")]
+    Replay(String),
     /// No DSC is configured (or allowed by its extended key usage) for this type.
     #[error("no document signer is configured for {0} certificates [2-60-5001]")]
     NoSigner(CertType),
@@ -50,6 +60,9 @@ impl IssueError {
             IssueError::Invalid(v) => v.0.first().map(|e| e.code()).unwrap_or("2-60-1001"),
             IssueError::Lifetime { .. } => "2-60-1001-90",
             IssueError::DuplicateUvci => "2-60-1001-91",
+            IssueError::RequestIdReused => "2-60-1001-92",
+            IssueError::RequestInProgress => "2-60-5008",
+            IssueError::Replay(_) => "2-60-5009",
             IssueError::NoSigner(_) => "2-60-5001",
             IssueError::SignerNotYetValid { .. } => "2-60-5002",
             IssueError::Hsm(_) => "2-60-5003",
@@ -62,7 +75,10 @@ impl IssueError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            IssueError::Invalid(_) | IssueError::Lifetime { .. } | IssueError::DuplicateUvci
+            IssueError::Invalid(_)
+                | IssueError::Lifetime { .. }
+                | IssueError::DuplicateUvci
+                | IssueError::RequestIdReused
         )
     }
 }

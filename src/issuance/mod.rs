@@ -21,9 +21,9 @@ use time::OffsetDateTime;
 use crate::config::Config;
 use crate::cose::{self, CwtClaims, ProtectedHeader};
 use crate::dcc::{self, CertType, Policy};
-use crate::hsm::SigningPool;
+use crate::hsm::{SecretKeyHandle, SigningPool, Token};
 use crate::keys::{ActiveDsc, DscSet};
-use crate::ledger::{Ledger, LedgerError, Reservation};
+use crate::ledger::{Ledger, LedgerError, RequestKey, Reservation, StoredRequest};
 use crate::revocation::hash;
 
 /// A payload as received: DCC JSON or DCC CBOR.
@@ -88,12 +88,34 @@ struct Signer {
     header: ProtectedHeader,
 }
 
+/// The HMAC key in the token from which generated UVCIs are derived (per client and request
+/// id), so that a retried request gets the same UVCI without the ledger storing it.
+#[derive(Debug, Clone)]
+pub struct UvciKey {
+    /// The token holding the key.
+    pub token: Arc<Token>,
+    /// The key.
+    pub key: SecretKeyHandle,
+}
+
+/// Who asks: the client identity, its request id (unique per client) and its UVCI prefix.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestContext<'a> {
+    /// The client identity (from its certificate).
+    pub client: &'a str,
+    /// The request id, unique per client.
+    pub request_id: &'a str,
+    /// The UVCI prefix for certificates of this client.
+    pub uvci_prefix: &'a str,
+}
+
 /// Validates and signs certificates.
 pub struct Issuer {
     settings: IssuerSettings,
     signers: BTreeMap<CertType, Signer>,
     pool: SigningPool,
     ledger: Arc<dyn Ledger>,
+    uvci_key: Option<UvciKey>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -105,12 +127,14 @@ impl std::fmt::Debug for Issuer {
 }
 
 impl Issuer {
-    /// An issuer signing with `dscs` through `pool`, recording in `ledger`.
+    /// An issuer signing with `dscs` through `pool`, recording in `ledger`, deriving generated
+    /// UVCIs with `uvci_key` when given (random UVCIs otherwise, and then no replay of them).
     pub fn new(
         settings: IssuerSettings,
         dscs: &DscSet,
         pool: SigningPool,
         ledger: Arc<dyn Ledger>,
+        uvci_key: Option<UvciKey>,
     ) -> Self {
         let signers = dscs
             .iter()
@@ -129,6 +153,7 @@ impl Issuer {
             signers,
             pool,
             ledger,
+            uvci_key,
         }
     }
 
@@ -168,53 +193,166 @@ impl Issuer {
             .map_err(|e| format!("ledger: {e}"))
     }
 
-    /// Validates, records and signs one certificate of type `t` at time `now`, generating a
-    /// UVCI with the configured prefix when the payload has none.
+    /// Validates, records and signs one certificate of type `t` at time `now`, without a
+    /// caller's request id: a generated UVCI is random.
     pub fn issue(
         &self,
         t: CertType,
         payload: Payload<'_>,
         now: OffsetDateTime,
     ) -> Result<Issued, IssueError> {
-        self.issue_with_prefix(t, payload, now, &self.settings.uvci_prefix)
-    }
-
-    /// Like [`Issuer::issue`], with the UVCI prefix of the calling issuer.
-    pub fn issue_with_prefix(
-        &self,
-        t: CertType,
-        payload: Payload<'_>,
-        now: OffsetDateTime,
-        uvci_prefix: &str,
-    ) -> Result<Issued, IssueError> {
-        let json = match payload {
-            Payload::Json(b) => dcc::parse_json(b)?,
-            Payload::Cbor(b) => dcc::cbor_to_json(b)?,
-        };
-        let mut dcc = dcc::validate(&json, Some(t), &self.settings.policy, now)?;
-        let signer = self.signers.get(&t).ok_or(IssueError::NoSigner(t))?;
-        if !signer.dsc.dsc.allows(t) {
-            // DscSet::load refuses such a configuration; keep the check next to the signature.
-            return Err(IssueError::NoSigner(t));
-        }
+        let dcc = self.validated(t, payload, now)?;
+        let signer = self.signer(t)?;
         let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
-        let given_uvci = dcc.uvci().is_some();
-        // A generated UVCI that collides (vanishingly rare) is drawn again.
+        let given = dcc.uvci().is_some();
+        // A random UVCI that collides (vanishingly rare) is drawn again.
         for _attempt in 0..3 {
-            if !given_uvci {
-                let uvci = dcc::uvci::generate(
+            let mut dcc = dcc.clone();
+            if !given {
+                let prefix = &self.settings.uvci_prefix;
+                dcc.set_uvci(dcc::uvci::generate(
                     &self.settings.country,
-                    uvci_prefix,
+                    prefix,
                     &mut rand::rngs::OsRng,
-                );
-                dcc.set_uvci(uvci);
+                ));
             }
-            match self.sign(signer, &dcc, t, iat, exp) {
-                Err(IssueError::DuplicateUvci) if !given_uvci => continue,
+            match self.sign(signer, &dcc, t, iat, exp, None) {
+                Err(IssueError::DuplicateUvci) if !given => continue,
                 other => return other,
             }
         }
         Err(IssueError::DuplicateUvci)
+    }
+
+    /// Issues for a caller with a request id, idempotently: the same request id with the same
+    /// payload returns the same bytes (rebuilt from the re-sent payload, the recorded times and
+    /// the recorded signature — no second signature); with another payload it is refused.
+    pub fn issue_for(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        now: OffsetDateTime,
+        ctx: RequestContext<'_>,
+    ) -> Result<Issued, IssueError> {
+        let request_hash = request_hash(t, payload);
+        if let Some(stored) = self
+            .ledger
+            .find_request(ctx.client, ctx.request_id)
+            .map_err(IssueError::Ledger)?
+        {
+            if stored.request_hash != request_hash {
+                return Err(IssueError::RequestIdReused);
+            }
+            return self.replay(t, payload, ctx, stored);
+        }
+        let mut dcc = self.validated(t, payload, now)?;
+        let signer = self.signer(t)?;
+        let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
+        if dcc.uvci().is_none() {
+            dcc.set_uvci(self.derived_uvci(ctx)?);
+        }
+        let key = RequestKey {
+            client: ctx.client.to_string(),
+            request_id: ctx.request_id.to_string(),
+            request_hash,
+        };
+        self.sign(signer, &dcc, t, iat, exp, Some(&key))
+    }
+
+    fn validated(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        now: OffsetDateTime,
+    ) -> Result<dcc::Dcc, IssueError> {
+        let json = match payload {
+            Payload::Json(b) => dcc::parse_json(b)?,
+            Payload::Cbor(b) => dcc::cbor_to_json(b)?,
+        };
+        Ok(dcc::validate(&json, Some(t), &self.settings.policy, now)?)
+    }
+
+    fn signer(&self, t: CertType) -> Result<&Signer, IssueError> {
+        let signer = self.signers.get(&t).ok_or(IssueError::NoSigner(t))?;
+        // DscSet::load refuses such a configuration; keep the check next to the signature.
+        if !signer.dsc.dsc.allows(t) {
+            return Err(IssueError::NoSigner(t));
+        }
+        Ok(signer)
+    }
+
+    /// The UVCI for a caller's request: HMAC-SHA256 in the token over client and request id.
+    fn derived_uvci(&self, ctx: RequestContext<'_>) -> Result<String, IssueError> {
+        match &self.uvci_key {
+            Some(k) => {
+                let mut data = Vec::with_capacity(ctx.client.len() + ctx.request_id.len() + 1);
+                data.extend_from_slice(ctx.client.as_bytes());
+                data.push(0);
+                data.extend_from_slice(ctx.request_id.as_bytes());
+                let mac = k
+                    .token
+                    .hmac_sha256(&k.key, &data)
+                    .map_err(IssueError::Hsm)?;
+                Ok(dcc::uvci::from_digest(
+                    &self.settings.country,
+                    ctx.uvci_prefix,
+                    &mac,
+                ))
+            }
+            None => Ok(dcc::uvci::generate(
+                &self.settings.country,
+                ctx.uvci_prefix,
+                &mut rand::rngs::OsRng,
+            )),
+        }
+    }
+
+    /// Rebuilds the response of a recorded request from the re-sent payload.
+    fn replay(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        ctx: RequestContext<'_>,
+        stored: StoredRequest,
+    ) -> Result<Issued, IssueError> {
+        let signature = stored.signature.ok_or(IssueError::RequestInProgress)?;
+        let rec = stored.record.reservation;
+        // Validate as at the original issuance (the sample-age rules then give the same answer).
+        let at = OffsetDateTime::from_unix_timestamp(rec.iat)
+            .map_err(|e| IssueError::Replay(e.to_string()))?;
+        let mut dcc = self.validated(t, payload, at)?;
+        if dcc.uvci().is_none() {
+            if self.uvci_key.is_none() {
+                return Err(IssueError::Replay(
+                    "no uvci_key is configured to rebuild the generated UVCI".into(),
+                ));
+            }
+            dcc.set_uvci(self.derived_uvci(ctx)?);
+        }
+        let uvci = dcc.uvci().unwrap_or_default().to_string();
+        if hash::uci_hash(&uvci) != rec.uci_hash {
+            return Err(IssueError::Replay(
+                "the rebuilt UVCI differs from the recorded one".into(),
+            ));
+        }
+        let header = ProtectedHeader::es256(rec.kid);
+        let claims = CwtClaims {
+            iss: self.settings.country.clone(),
+            iat: rec.iat as u64,
+            exp: rec.exp as u64,
+            hcert: dcc.to_cbor(),
+        };
+        let cose = cose::sign1::assemble(&header, &claims.to_cbor_bytes(), &signature);
+        metrics::counter!("dccsign_idempotent_replays_total").increment(1);
+        Ok(Issued {
+            uvci,
+            hc1: cose::hc1::encode(&cose),
+            cose,
+            kid: rec.kid,
+            cert_type: t,
+            iat: rec.iat,
+            exp: rec.exp,
+        })
     }
 
     fn sign(
@@ -224,6 +362,7 @@ impl Issuer {
         t: CertType,
         iat: i64,
         exp: i64,
+        request: Option<&RequestKey>,
     ) -> Result<Issued, IssueError> {
         let uvci = dcc.uvci().unwrap_or_default().to_string();
         let claims = CwtClaims {
@@ -236,21 +375,29 @@ impl Issuer {
         let tbs = cose::sign1::sig_structure(&signer.header, &payload);
         let digest: [u8; 32] = Sha256::digest(&tbs).into();
 
+        let started = std::time::Instant::now();
         let reservation = self
             .ledger
-            .reserve(&Reservation {
-                uci_hash: hash::uci_hash(&uvci),
-                country_uci_hash: hash::country_uci_hash(&self.settings.country, &uvci),
-                cert_type: t,
-                kid: signer.dsc.dsc.kid,
-                iat,
-                exp,
-            })
+            .reserve(
+                &Reservation {
+                    uci_hash: hash::uci_hash(&uvci),
+                    country_uci_hash: hash::country_uci_hash(&self.settings.country, &uvci),
+                    cert_type: t,
+                    kid: signer.dsc.dsc.kid,
+                    iat,
+                    exp,
+                },
+                request,
+            )
             .map_err(|e| match e {
                 LedgerError::DuplicateUvci { .. } => IssueError::DuplicateUvci,
+                LedgerError::DuplicateRequest => IssueError::RequestInProgress,
                 other => IssueError::Ledger(other),
             })?;
+        metrics::histogram!("dccsign_ledger_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
 
+        let started = std::time::Instant::now();
         let signature = match self.pool.sign(&signer.dsc.key, digest) {
             Ok(s) => s,
             Err(e) => {
@@ -260,9 +407,18 @@ impl Issuer {
                 return Err(IssueError::Hsm(e));
             }
         };
+        metrics::histogram!("dccsign_hsm_sign_seconds").record(started.elapsed().as_secs_f64());
+
+        let started = std::time::Instant::now();
         self.ledger
-            .complete(reservation, &hash::signature_hash_es256(&signature))
+            .complete(
+                reservation,
+                &hash::signature_hash_es256(&signature),
+                &signature,
+            )
             .map_err(IssueError::Ledger)?;
+        metrics::histogram!("dccsign_ledger_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
 
         let cose = cose::sign1::assemble(&signer.header, &payload, &signature);
         let hc1 = cose::hc1::encode(&cose);
@@ -276,4 +432,17 @@ impl Issuer {
             exp,
         })
     }
+}
+
+/// SHA-256 over the type, the payload kind and the payload bytes as received.
+fn request_hash(t: CertType, payload: Payload<'_>) -> [u8; 32] {
+    let (kind, bytes) = match payload {
+        Payload::Json(b) => (b'j', b),
+        Payload::Cbor(b) => (b'c', b),
+    };
+    let mut h = Sha256::new();
+    h.update(t.as_str().as_bytes());
+    h.update([0, kind]);
+    h.update(bytes);
+    h.finalize().into()
 }

@@ -23,6 +23,8 @@ use crate::hsm::{load_pin, KeyHandle, PinSource, Token, TokenSettings, SOFTHSM_M
 pub const DEV_TOKEN_LABEL: &str = "dccsign-dev";
 /// Label of the development CSCA key.
 const CSCA_LABEL: &str = "dev-csca";
+/// Label of the HMAC key for generated UVCIs.
+const UVCI_KEY_LABEL: &str = "uvci-hmac";
 /// Label of the development TLS CA key.
 const TLS_CA_LABEL: &str = "dev-tls-ca";
 /// The client certificates `dev-init` creates: issuers and security officers.
@@ -229,6 +231,12 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
         }
     }
 
+    // The HMAC key from which generated UVCIs are derived (idempotent retries).
+    if let Err(crate::hsm::HsmError::KeyNotFound(_)) = token.find_hmac_key(UVCI_KEY_LABEL) {
+        token.generate_hmac_key(UVCI_KEY_LABEL)?;
+        created.push(format!("HMAC key {UVCI_KEY_LABEL}"));
+    }
+
     // The TLS PKI of the daemon's mutual TLS.
     let tls_dir = pki.join("tls");
     std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
@@ -303,6 +311,8 @@ fn dev_config(country: &str) -> String {
 country = "{country}"
 # Issuing-entity part of generated UVCIs: URN:UVCI:01:{country}:<prefix>/<random>#<check>
 uvci_prefix = "DEV"
+# HMAC key in the token from which generated UVCIs are derived (per client and request id).
+uvci_key = "pkcs11:token={DEV_TOKEN_LABEL};object=uvci-hmac;type=secret-key"
 
 [hsm]
 module = "{SOFTHSM_MODULE}"

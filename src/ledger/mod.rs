@@ -8,7 +8,10 @@
 //!   `SHA-256(country‖UVCI)[0..16]`, `SHA-256(r)[0..16]`), the kid, the type and times — never
 //!   names, birth dates, the UVCI itself or the payload;
 //! - a reservation whose signing failed is released, so the UVCI can be used again; a crash
-//!   between reservation and completion leaves a `reserved` row (no signature was returned).
+//!   between reservation and completion leaves a `reserved` row (no signature was returned);
+//! - idempotency: a caller's `(client, request_id)` is recorded with the reservation, with a hash
+//!   of the request and, once signed, the signature — enough to rebuild the same bytes from the
+//!   re-sent payload, without storing the payload.
 
 mod sqlite;
 
@@ -28,6 +31,9 @@ pub enum LedgerError {
         /// State of the existing row: `signed` or `reserved`.
         state: String,
     },
+    /// The caller's request id is already recorded (a concurrent or crashed attempt).
+    #[error("request id already recorded")]
+    DuplicateRequest,
     /// The reservation to complete or release does not exist or is not in state `reserved`.
     #[error("reservation {0} is not pending")]
     NotReserved(i64),
@@ -59,6 +65,28 @@ pub struct Reservation {
     pub exp: i64,
 }
 
+/// A caller's request, recorded with the reservation so a retry returns the same certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    /// The client identity.
+    pub client: String,
+    /// The client's request id.
+    pub request_id: String,
+    /// SHA-256 over the type and the payload bytes as received.
+    pub request_hash: [u8; 32],
+}
+
+/// A recorded request with its certificate row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    /// SHA-256 over the type and the payload bytes as received.
+    pub request_hash: [u8; 32],
+    /// The certificate row.
+    pub record: CertificateRecord,
+    /// The 64-byte signature once signed (not personal data; needed to return the same bytes).
+    pub signature: Option<[u8; 64]>,
+}
+
 /// Id of a reservation row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReservationId(pub i64);
@@ -88,15 +116,28 @@ pub struct LedgerCounts {
 /// Storage for certificate records. Implementations must make `reserve` and `complete` durable
 /// before returning.
 pub trait Ledger: Send + Sync {
-    /// Records the intent to sign; fails with [`LedgerError::DuplicateUvci`] when the UVCI hash
-    /// exists.
-    fn reserve(&self, r: &Reservation) -> Result<ReservationId, LedgerError>;
-    /// Completes a reservation with the signature hash.
+    /// Records the intent to sign (and the caller's request, if any) in one transaction; fails
+    /// with [`LedgerError::DuplicateUvci`] when the UVCI hash exists and
+    /// [`LedgerError::DuplicateRequest`] when the request id does.
+    fn reserve(
+        &self,
+        r: &Reservation,
+        request: Option<&RequestKey>,
+    ) -> Result<ReservationId, LedgerError>;
+    /// Completes a reservation with the signature hash (and stores the signature on its request
+    /// row, if any).
     fn complete(
         &self,
         id: ReservationId,
         signature_hash: &RevocationHash,
+        signature: &[u8; 64],
     ) -> Result<(), LedgerError>;
+    /// A recorded request of `client`.
+    fn find_request(
+        &self,
+        client: &str,
+        request_id: &str,
+    ) -> Result<Option<StoredRequest>, LedgerError>;
     /// Deletes a reservation whose signing failed (no signature exists).
     fn release(&self, id: ReservationId) -> Result<(), LedgerError>;
     /// The row for a UVCI hash.

@@ -6,12 +6,16 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
-use super::{CertificateRecord, Ledger, LedgerCounts, LedgerError, Reservation, ReservationId};
+use super::{
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, RequestKey, Reservation, ReservationId,
+    StoredRequest,
+};
 use crate::dcc::CertType;
 use crate::revocation::hash::RevocationHash;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE certificates (
     id               INTEGER PRIMARY KEY,
     uci_hash         BLOB    NOT NULL UNIQUE CHECK (length(uci_hash) = 16),
@@ -28,7 +32,20 @@ CREATE TABLE certificates (
 );
 CREATE INDEX certificates_kid_exp ON certificates (kid, exp);
 CREATE INDEX certificates_signature_hash ON certificates (signature_hash);
-"#];
+"#,
+    r#"
+CREATE TABLE requests (
+    client         TEXT    NOT NULL,
+    request_id     TEXT    NOT NULL,
+    request_hash   BLOB    NOT NULL CHECK (length(request_hash) = 32),
+    certificate_id INTEGER NOT NULL REFERENCES certificates (id) ON DELETE CASCADE,
+    signature      BLOB    CHECK (signature IS NULL OR length(signature) = 64),
+    created_at     INTEGER NOT NULL,
+    PRIMARY KEY (client, request_id)
+);
+CREATE INDEX requests_certificate ON requests (certificate_id);
+"#,
+];
 
 /// A ledger in one SQLite file.
 pub struct SqliteLedger {
@@ -117,9 +134,14 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
 }
 
 impl Ledger for SqliteLedger {
-    fn reserve(&self, r: &Reservation) -> Result<ReservationId, LedgerError> {
-        let conn = self.conn();
-        let res = conn.execute(
+    fn reserve(
+        &self,
+        r: &Reservation,
+        request: Option<&RequestKey>,
+    ) -> Result<ReservationId, LedgerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let res = tx.execute(
             "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
             params![
@@ -133,43 +155,98 @@ impl Ledger for SqliteLedger {
             ],
         );
         match res {
-            Ok(_) => Ok(ReservationId(conn.last_insert_rowid())),
+            Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == ErrorCode::ConstraintViolation =>
             {
-                let state: Option<String> = conn
+                let state: Option<String> = tx
                     .query_row(
                         "SELECT state FROM certificates WHERE uci_hash = ?1",
                         params![&r.uci_hash[..]],
                         |row| row.get(0),
                     )
                     .optional()?;
-                match state {
+                return match state {
                     Some(state) => Err(LedgerError::DuplicateUvci { state }),
                     None => Err(LedgerError::Database(
                         "constraint violation on insert".into(),
                     )),
-                }
+                };
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        let id = tx.last_insert_rowid();
+        if let Some(q) = request {
+            match tx.execute(
+                "INSERT INTO requests (client, request_id, request_hash, certificate_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![q.client, q.request_id, &q.request_hash[..], id, now()],
+            ) {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+                    return Err(LedgerError::DuplicateRequest)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit()?;
+        Ok(ReservationId(id))
     }
 
     fn complete(
         &self,
         id: ReservationId,
         signature_hash: &RevocationHash,
+        signature: &[u8; 64],
     ) -> Result<(), LedgerError> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute(
             "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
              WHERE id = ?1 AND state = 'reserved'",
             params![id.0, &signature_hash[..], now()],
         )?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(LedgerError::NotReserved(id.0))
+        if n != 1 {
+            return Err(LedgerError::NotReserved(id.0));
         }
+        tx.execute(
+            "UPDATE requests SET signature = ?2 WHERE certificate_id = ?1",
+            params![id.0, &signature[..]],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn find_request(
+        &self,
+        client: &str,
+        request_id: &str,
+    ) -> Result<Option<StoredRequest>, LedgerError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT c.*, q.request_hash AS q_hash, q.signature AS q_sig
+                 FROM requests q JOIN certificates c ON c.id = q.certificate_id
+                 WHERE q.client = ?1 AND q.request_id = ?2",
+                params![client, request_id],
+                |row| {
+                    let hash: Vec<u8> = row.get("q_hash")?;
+                    let sig: Option<Vec<u8>> = row.get("q_sig")?;
+                    let bad = || {
+                        rusqlite::Error::InvalidColumnType(
+                            0,
+                            "requests".into(),
+                            rusqlite::types::Type::Blob,
+                        )
+                    };
+                    Ok(StoredRequest {
+                        request_hash: hash.try_into().map_err(|_| bad())?,
+                        record: row_to_record(row)?,
+                        signature: sig.map(|s| s.try_into().map_err(|_| bad())).transpose()?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
@@ -241,17 +318,17 @@ mod tests {
     fn reserve_complete_duplicate_release() {
         let dir = tempfile::tempdir().unwrap();
         let l = SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap();
-        let id = l.reserve(&res(1)).unwrap();
-        match l.reserve(&res(1)) {
+        let id = l.reserve(&res(1), None).unwrap();
+        match l.reserve(&res(1), None) {
             Err(LedgerError::DuplicateUvci { state }) => assert_eq!(state, "reserved"),
             other => panic!("expected duplicate, got {other:?}"),
         }
-        l.complete(id, &[9; 16]).unwrap();
+        l.complete(id, &[9; 16], &[0; 64]).unwrap();
         assert!(matches!(
-            l.complete(id, &[9; 16]),
+            l.complete(id, &[9; 16], &[0; 64]),
             Err(LedgerError::NotReserved(_))
         ));
-        match l.reserve(&res(1)) {
+        match l.reserve(&res(1), None) {
             Err(LedgerError::DuplicateUvci { state }) => assert_eq!(state, "signed"),
             other => panic!("expected duplicate, got {other:?}"),
         }
@@ -260,7 +337,7 @@ mod tests {
         assert_eq!(rec.state, "signed");
         // A signed row cannot be released.
         assert!(l.release(id).is_err());
-        let id2 = l.reserve(&res(2)).unwrap();
+        let id2 = l.reserve(&res(2), None).unwrap();
         l.release(id2).unwrap();
         assert!(l.find_by_uci_hash(&[2; 16]).unwrap().is_none());
         assert_eq!(
@@ -274,18 +351,58 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_recorded_with_their_reservation() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap();
+        let key = RequestKey {
+            client: "c".into(),
+            request_id: "r-1".into(),
+            request_hash: [5; 32],
+        };
+        let id = l.reserve(&res(10), Some(&key)).unwrap();
+        let q = l.find_request("c", "r-1").unwrap().unwrap();
+        assert_eq!(
+            (q.request_hash, q.signature, q.record.state.as_str()),
+            ([5; 32], None, "reserved")
+        );
+        // The same request id again (another UVCI) is refused, and nothing of it stays.
+        assert!(matches!(
+            l.reserve(&res(11), Some(&key)),
+            Err(LedgerError::DuplicateRequest)
+        ));
+        assert!(l.find_by_uci_hash(&[11; 16]).unwrap().is_none());
+        l.complete(id, &[3; 16], &[4; 64]).unwrap();
+        let q = l.find_request("c", "r-1").unwrap().unwrap();
+        assert_eq!(q.signature, Some([4; 64]));
+        assert_eq!(q.record.signature_hash, Some([3; 16]));
+        // Other clients have their own request ids.
+        assert!(l.find_request("d", "r-1").unwrap().is_none());
+        // Releasing a reservation removes its request row too.
+        let k2 = RequestKey {
+            request_id: "r-2".into(),
+            ..key
+        };
+        let id2 = l.reserve(&res(12), Some(&k2)).unwrap();
+        l.release(id2).unwrap();
+        assert!(l.find_request("c", "r-2").unwrap().is_none());
+    }
+
+    #[test]
     fn survives_reopen_and_rejects_bad_rows() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("l.sqlite");
         {
             let l = SqliteLedger::open(&p).unwrap();
-            let id = l.reserve(&res(3)).unwrap();
-            l.complete(id, &[1; 16]).unwrap();
+            let id = l.reserve(&res(3), None).unwrap();
+            l.complete(id, &[1; 16], &[0; 64]).unwrap();
         }
         let l = SqliteLedger::open(&p).unwrap();
         assert!(l.find_by_uci_hash(&[3; 16]).unwrap().is_some());
         let mut bad = res(4);
         bad.exp = bad.iat; // exp must be after iat
-        assert!(matches!(l.reserve(&bad), Err(LedgerError::Database(_))));
+        assert!(matches!(
+            l.reserve(&bad, None),
+            Err(LedgerError::Database(_))
+        ));
     }
 }

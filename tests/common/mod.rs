@@ -146,36 +146,7 @@ impl Daemon {
         edit(&mut cfg);
         std::fs::write(&cfg_path, cfg).unwrap();
         let stderr_path = dev.file("daemon.log");
-        let mut child = Command::new(bin())
-            .args([
-                "serve",
-                "--state-dir",
-                dev.path().to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "none",
-            ])
-            .env_remove("SOFTHSM2_CONF")
-            .env("DCCSIGN_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&stderr_path).unwrap())
-            .spawn()
-            .unwrap();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-        let addr = line
-            .split_whitespace()
-            .last()
-            .filter(|a| a.contains(':'))
-            .unwrap_or_else(|| {
-                panic!(
-                    "daemon did not start: {line}\n{}",
-                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
-                )
-            })
-            .to_string();
+        let (child, addr, stdout) = spawn_daemon(&dev, &stderr_path);
         Daemon {
             dev,
             addr,
@@ -183,6 +154,16 @@ impl Daemon {
             stderr_path,
             _stdout: stdout,
         }
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again on the same state directory.
+    pub fn restart(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "daemon exit {status:?}:\n{}", self.log());
+        let (child, addr, stdout) = spawn_daemon(&self.dev, &self.stderr_path);
+        self.child = child;
+        self.addr = addr;
+        self._stdout = stdout;
     }
 
     /// A connected channel for development client `name`.
@@ -217,6 +198,51 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+type Spawned = (
+    std::process::Child,
+    String,
+    std::io::BufReader<std::process::ChildStdout>,
+);
+
+fn spawn_daemon(dev: &Dev, stderr_path: &Path) -> Spawned {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(stderr_path)
+        .unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "serve",
+            "--state-dir",
+            dev.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "none",
+        ])
+        .env_remove("SOFTHSM2_CONF")
+        .env("DCCSIGN_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .last()
+        .filter(|a| a.contains(':'))
+        .unwrap_or_else(|| {
+            panic!(
+                "daemon did not start: {line}\n{}",
+                std::fs::read_to_string(stderr_path).unwrap_or_default()
+            )
+        })
+        .to_string();
+    (child, addr, stdout)
 }
 
 /// An `IssueRequest` for a JSON payload.
