@@ -530,3 +530,119 @@ fn idempotent_request_ids_survive_a_restart() {
     });
     assert_eq!(d.dev.ledger_counts(), (0, 2));
 }
+
+async fn health_status(ch: &tonic::transport::Channel) -> i32 {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "dccsign.v1.Issuance".into(),
+    })
+    .await
+    .map(|r| r.into_inner().status)
+    .unwrap_or(-1)
+}
+
+async fn wait_for_health(
+    ch: &tonic::transport::Channel,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) -> bool {
+    for _ in 0..150 {
+        if health_status(ch).await == want as i32 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[test]
+fn health_follows_the_ledger_and_the_token() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace("health_interval_seconds = 5", "health_interval_seconds = 1");
+    });
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::Serving).await,
+            "{}",
+            d.log()
+        );
+
+        // Another writer holds the ledger's write lock: NOT_SERVING; released: SERVING again.
+        let other = rusqlite::Connection::open(d.dev.file("ledger.sqlite")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::NotServing).await,
+            "{}",
+            d.log()
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::Serving).await,
+            "{}",
+            d.log()
+        );
+        let mut c = dccsign::api::client::issuance(ch.clone());
+        c.issue(issue_request(
+            "test",
+            &d.dev.example("test"),
+            "after-ledger",
+        ))
+        .await
+        .unwrap();
+
+        // The token disappears: NOT_SERVING, and issuing answers UNAVAILABLE.
+        std::fs::rename(d.dev.file("tokens"), d.dev.file("tokens.away")).unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::NotServing).await,
+            "{}",
+            d.log()
+        );
+        let e = c
+            .issue(issue_request(
+                "test",
+                &d.dev.example("test"),
+                "during-outage",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert_eq!(error_detail(&e).code, "2-60-5003");
+        std::fs::rename(d.dev.file("tokens.away"), d.dev.file("tokens")).unwrap();
+    });
+    // Nothing was recorded for the refused request.
+    assert_eq!(d.dev.ledger_counts(), (0, 1));
+    let log = d.log();
+    assert!(log.contains("NOT_SERVING"), "{log}");
+    let _ = d.terminate();
+}
+
+#[test]
+fn the_client_deadline_is_honoured() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let mut req = tonic::Request::new(issue_request(
+            "vaccination",
+            &d.dev.example("vaccination"),
+            "deadline-1",
+        ));
+        req.set_timeout(std::time::Duration::from_micros(1));
+        let e = c.issue(req).await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{e}"
+        );
+        // A normal deadline works.
+        let mut req = tonic::Request::new(issue_request(
+            "vaccination",
+            &d.dev.example("vaccination"),
+            "deadline-2",
+        ));
+        req.set_timeout(std::time::Duration::from_secs(10));
+        c.issue(req).await.unwrap();
+    });
+}

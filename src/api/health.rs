@@ -7,19 +7,35 @@ use std::time::Duration;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::hsm::Token;
 use crate::issuance::Issuer;
 
 /// The service name reported besides the overall status ("").
 pub const ISSUANCE_SERVICE: &str = "dccsign.v1.Issuance";
 
-/// Runs the canary every `interval` and reports the result.
-pub async fn run(issuer: Arc<Issuer>, reporter: HealthReporter, interval: Duration) {
+/// Runs the canary every `interval` and reports the result. After an HSM failure the keys are
+/// looked up again (a reloaded token hands out new object handles) before the next check.
+pub async fn run(
+    issuer: Arc<Issuer>,
+    token: Arc<Token>,
+    reporter: HealthReporter,
+    interval: Duration,
+) {
     let mut last: Option<bool> = None;
     loop {
-        let i = issuer.clone();
-        let result = tokio::task::spawn_blocking(move || i.canary())
-            .await
-            .unwrap_or_else(|e| Err(format!("canary task: {e}")));
+        let (i, tk) = (issuer.clone(), token.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            i.canary().or_else(|first| {
+                if first.starts_with("HSM") {
+                    i.reconnect_hsm(&tk).map_err(|e| format!("{first}; {e}"))?;
+                    i.canary()
+                } else {
+                    Err(first)
+                }
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("canary task: {e}")));
         let ok = result.is_ok();
         let status = if ok {
             ServingStatus::Serving

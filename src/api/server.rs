@@ -129,6 +129,7 @@ pub async fn serve(
         .await;
     tokio::spawn(health::run(
         issuer.clone(),
+        token.clone(),
         reporter,
         Duration::from_secs(server_cfg.health_interval_seconds.max(1)),
     ));

@@ -99,6 +99,7 @@ impl SigningPool {
         let reply: SignReply = Box::new(move |r| {
             let _ = rtx.send(r);
         });
+        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
         tx.send(Job {
             key: key.private,
             digest,
@@ -134,7 +135,9 @@ fn session_lost(e: &CkError) -> bool {
 
 fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Receiver<Job>) {
     let mut session = Some(session);
+    let busy = metrics::gauge!("dccsign_hsm_sessions_busy");
     for job in rx.iter() {
+        busy.increment(1.0);
         if session.is_none() {
             session = ctx.open_ro_session(slot).ok();
         }
@@ -154,6 +157,7 @@ fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Rece
                 }
             },
         };
+        busy.decrement(1.0);
         (job.reply)(result);
     }
 }

@@ -67,8 +67,9 @@ impl KeyHandle {
 /// application logs it out of the token.
 pub struct Token {
     ctx: Pkcs11,
-    slot: Slot,
+    slot: Mutex<Slot>,
     label: String,
+    settings: TokenSettings,
     anchor: Mutex<Session>,
 }
 
@@ -113,10 +114,25 @@ impl Token {
         login(&anchor, UserType::User, &pin)?;
         Ok(Token {
             ctx,
-            slot,
+            slot: Mutex::new(slot),
             label: settings.label.clone(),
+            settings: settings.clone(),
             anchor: Mutex::new(anchor),
         })
+    }
+
+    /// Finds the token again (its slot may have changed), opens a new anchor session and logs
+    /// in — for recovery after the token went away and came back. Key handles must be looked up
+    /// again afterwards, and signing pools started anew.
+    pub fn reconnect(&self) -> Result<(), HsmError> {
+        let slot = find_slot(&self.ctx, &self.label)?
+            .ok_or_else(|| HsmError::TokenNotFound(self.label.clone()))?;
+        let pin = load_pin(&self.settings.pin, &self.settings.base_dir)?;
+        let session = self.ctx.open_rw_session(slot)?;
+        login(&session, UserType::User, &pin)?;
+        *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = session;
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
+        Ok(())
     }
 
     /// True when an initialised token with this label exists in the module.
@@ -356,7 +372,8 @@ impl Token {
     /// Starts a signing pool of `size` sessions, each owned by a worker thread, fed by a queue
     /// bounded at `queue` jobs.
     pub fn signing_pool(&self, size: usize, queue: usize) -> Result<SigningPool, HsmError> {
-        SigningPool::start(self.ctx.clone(), self.slot, size.max(1), queue.max(1))
+        let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        SigningPool::start(self.ctx.clone(), slot, size.max(1), queue.max(1))
     }
 }
 

@@ -13,7 +13,7 @@ pub use error::IssueError;
 pub use lifetime::{expiry, LifetimePolicy};
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -112,8 +112,10 @@ pub struct RequestContext<'a> {
 /// Validates and signs certificates.
 pub struct Issuer {
     settings: IssuerSettings,
-    signers: BTreeMap<CertType, Signer>,
-    pool: SigningPool,
+    /// Swapped as a whole (key refresh after an HSM outage, later rotation); a request keeps
+    /// the snapshot it started with.
+    signers: RwLock<Arc<BTreeMap<CertType, Arc<Signer>>>>,
+    pool: RwLock<Arc<SigningPool>>,
     ledger: Arc<dyn Ledger>,
     uvci_key: Option<UvciKey>,
 }
@@ -141,20 +143,76 @@ impl Issuer {
             .map(|(t, d)| {
                 (
                     t,
-                    Signer {
+                    Arc::new(Signer {
                         header: ProtectedHeader::es256(d.dsc.kid),
                         dsc: d.clone(),
-                    },
+                    }),
                 )
             })
             .collect();
         Issuer {
             settings,
-            signers,
-            pool,
+            signers: RwLock::new(Arc::new(signers)),
+            pool: RwLock::new(Arc::new(pool)),
             ledger,
             uvci_key,
         }
+    }
+
+    fn pool(&self) -> Arc<SigningPool> {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Rebuilds the HSM side after an outage: reconnects the token, starts a new signing pool of
+    /// the same size and looks the keys up again.
+    pub fn reconnect_hsm(&self, token: &Token) -> Result<(), String> {
+        token.reconnect().map_err(|e| format!("HSM: {e}"))?;
+        let size = self.pool().size();
+        let pool = token
+            .signing_pool(size, 4096)
+            .map_err(|e| format!("HSM: {e}"))?;
+        self.refresh_keys(token)?;
+        *self.pool.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pool);
+        Ok(())
+    }
+
+    fn signers(&self) -> Arc<BTreeMap<CertType, Arc<Signer>>> {
+        self.signers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Looks every DSC key up again by label and checks it still matches its certificate
+    /// (object handles change when a token is reloaded, e.g. after an HSM outage).
+    pub fn refresh_keys(&self, token: &Token) -> Result<(), String> {
+        let current = self.signers();
+        let mut fresh = BTreeMap::new();
+        for (t, s) in current.iter() {
+            let key = token
+                .find_key(&s.dsc.key.label)
+                .map_err(|e| format!("HSM: {e}"))?;
+            if key.public_key != s.dsc.dsc.public_key {
+                return Err(format!(
+                    "HSM: key {} no longer matches its certificate",
+                    key.label
+                ));
+            }
+            let dsc = Arc::new(ActiveDsc {
+                dsc: s.dsc.dsc.clone(),
+                key,
+                types: s.dsc.types.clone(),
+            });
+            fresh.insert(
+                *t,
+                Arc::new(Signer {
+                    header: s.header.clone(),
+                    dsc,
+                }),
+            );
+        }
+        *self.signers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(())
     }
 
     /// The settings in force.
@@ -163,8 +221,8 @@ impl Issuer {
     }
 
     /// The DSC that signs `t`, if any.
-    pub fn dsc_for(&self, t: CertType) -> Option<&Arc<ActiveDsc>> {
-        self.signers.get(&t).map(|s| &s.dsc)
+    pub fn dsc_for(&self, t: CertType) -> Option<Arc<ActiveDsc>> {
+        self.signers().get(&t).map(|s| s.dsc.clone())
     }
 
     /// The ledger.
@@ -178,9 +236,9 @@ impl Issuer {
         use p256::ecdsa::signature::hazmat::PrehashVerifier;
         let mut digest = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut digest);
-        for s in self.signers.values() {
+        for s in self.signers().values() {
             let sig = self
-                .pool
+                .pool()
                 .sign(&s.dsc.key, digest)
                 .map_err(|e| format!("HSM: {e}"))?;
             let sig = p256::ecdsa::Signature::from_slice(&sig).map_err(|e| format!("HSM: {e}"))?;
@@ -216,7 +274,7 @@ impl Issuer {
                     &mut rand::rngs::OsRng,
                 ));
             }
-            match self.sign(signer, &dcc, t, iat, exp, None) {
+            match self.sign(&signer, &dcc, t, iat, exp, None) {
                 Err(IssueError::DuplicateUvci) if !given => continue,
                 other => return other,
             }
@@ -256,7 +314,7 @@ impl Issuer {
             request_id: ctx.request_id.to_string(),
             request_hash,
         };
-        self.sign(signer, &dcc, t, iat, exp, Some(&key))
+        self.sign(&signer, &dcc, t, iat, exp, Some(&key))
     }
 
     fn validated(
@@ -272,8 +330,12 @@ impl Issuer {
         Ok(dcc::validate(&json, Some(t), &self.settings.policy, now)?)
     }
 
-    fn signer(&self, t: CertType) -> Result<&Signer, IssueError> {
-        let signer = self.signers.get(&t).ok_or(IssueError::NoSigner(t))?;
+    fn signer(&self, t: CertType) -> Result<Arc<Signer>, IssueError> {
+        let signer = self
+            .signers()
+            .get(&t)
+            .cloned()
+            .ok_or(IssueError::NoSigner(t))?;
         // DscSet::load refuses such a configuration; keep the check next to the signature.
         if !signer.dsc.dsc.allows(t) {
             return Err(IssueError::NoSigner(t));
@@ -398,7 +460,7 @@ impl Issuer {
             .record(started.elapsed().as_secs_f64());
 
         let started = std::time::Instant::now();
-        let signature = match self.pool.sign(&signer.dsc.key, digest) {
+        let signature = match self.pool().sign(&signer.dsc.key, digest) {
             Ok(s) => s,
             Err(e) => {
                 if let Err(release) = self.ledger.release(reservation) {
