@@ -340,7 +340,30 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
             "key not generated on the token:\n{block}"
         );
     }
-    assert_eq!(keys, 4, "expected CSCA + 3 DSC keys:\n{listing}");
+    assert_eq!(keys, 5, "expected CSCA, TLS CA and 3 DSC keys:\n{listing}");
+    // The HMAC key for UVCIs: a secret key that never leaves the token either.
+    let secret = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", dev.file("softhsm2.conf"))
+        .args([
+            "--module",
+            dccsign::hsm::SOFTHSM_MODULE,
+            "--token-label",
+            "dccsign-dev",
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--list-objects",
+            "--type",
+            "secrkey",
+        ])
+        .output()
+        .unwrap();
+    let listing = stdout(&secret);
+    assert!(listing.contains("uvci-hmac"), "{listing}");
+    assert!(
+        listing.contains("always sensitive") && listing.contains("never extractable"),
+        "{listing}"
+    );
 }
 
 #[test]

@@ -238,6 +238,10 @@ fn structural_and_issuer_rules() {
     let mut p = test_payload();
     p["t"][0]["extra"] = json!("smuggled");
     refused(&p, t, "t[0].extra", Rule::UnknownField);
+    // A key that is free text is not echoed.
+    let mut p = test_payload();
+    p["nam"]["Andersson, Astrid 1931-07-13"] = json!("x");
+    refused(&p, t, "nam.*", Rule::UnknownField);
     let mut p = test_payload();
     p["nam"]["fnt"] = json!("lower");
     refused(&p, t, "nam.fnt", Rule::StandardisedNameFormat);

@@ -25,10 +25,6 @@ pub mod codes {
     pub const REQUEST_ID_INVALID: &str = "2-60-1001-42";
     /// Service-side limit reached.
     pub const OVERLOADED: &str = "2-60-5005";
-    /// The stream carried more items than allowed.
-    pub const STREAM_TOO_LONG: &str = "2-60-5006";
-    /// The daemon is shutting down.
-    pub const SHUTTING_DOWN: &str = "2-60-5007";
 }
 
 fn violation(field: &str, code: &str, rule: &str, message: &str) -> pb::FieldViolation {

@@ -34,6 +34,10 @@ pub enum VerifyFailure {
     /// The certificate has expired (at > exp).
     #[error("expired")]
     Expired,
+    /// The certificate's validity is not inside the DSC's (`notBefore ≤ iat`,
+    /// `exp ≤ notAfter`: the shell model).
+    #[error("iat/exp outside the DSC's validity")]
+    OutsideDscValidity,
     /// The certificate is not valid yet (at < iat).
     #[error("not valid yet")]
     NotYetValid,
@@ -62,7 +66,8 @@ pub struct Report {
     pub payload: serde_json::Value,
     /// Signature with the trusted DSC of that kid.
     pub signature: Result<(), VerifyFailure>,
-    /// `iat ≤ at ≤ exp` (the official vectors treat the expiry second itself as valid).
+    /// `iat ≤ at ≤ exp` (the official vectors treat the expiry second itself as valid), and,
+    /// when the DSC is known, `notBefore ≤ iat` and `exp ≤ notAfter`.
     pub expiration: Result<(), VerifyFailure>,
     /// The DSC's extended key usage allows the statement type.
     pub key_usage: Result<(), VerifyFailure>,
@@ -147,7 +152,12 @@ pub fn verify_cose(
         (None, _) => Err(VerifyFailure::MissingClaim("iat")),
         (Some(_), Some(exp)) if now > exp => Err(VerifyFailure::Expired),
         (Some(iat), Some(_)) if now < iat => Err(VerifyFailure::NotYetValid),
-        _ => Ok(()),
+        (Some(iat), Some(exp)) => match &dsc {
+            Ok(d) if iat < d.not_before.unix_timestamp() || exp > d.not_after.unix_timestamp() => {
+                Err(VerifyFailure::OutsideDscValidity)
+            }
+            _ => Ok(()),
+        },
     };
     let key_usage = dsc.and_then(|d| match cert_type {
         None => Err(VerifyFailure::NoStatement),
@@ -170,4 +180,78 @@ pub fn verify_cose(
 /// Decodes an `HC1:` string and verifies it.
 pub fn verify_hc1(text: &str, trust: &TrustStore, at: OffsetDateTime) -> Result<Report, CoseError> {
     verify_cose(&hc1::decode(text)?, trust, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cose::{sign1, CwtClaims, ProtectedHeader};
+    use der::Encode;
+    use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use std::str::FromStr;
+    use x509_cert::builder::{Builder, CertificateBuilder, Profile};
+
+    /// Test only: a software key and a one-day self-signed DSC (production keys live in the HSM).
+    fn dsc() -> (p256::ecdsa::SigningKey, Vec<u8>) {
+        let sk = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let spki = spki::SubjectPublicKeyInfoOwned::from_key(*sk.verifying_key()).unwrap();
+        let cert = CertificateBuilder::new(
+            Profile::Root,
+            x509_cert::serial_number::SerialNumber::from(1u32),
+            x509_cert::time::Validity::from_now(std::time::Duration::from_secs(86_400)).unwrap(),
+            x509_cert::name::Name::from_str("CN=test DSC,C=SE").unwrap(),
+            spki,
+            &sk,
+        )
+        .unwrap()
+        .build::<p256::ecdsa::DerSignature>()
+        .unwrap();
+        (sk, cert.to_der().unwrap())
+    }
+
+    fn signed(sk: &p256::ecdsa::SigningKey, der: &[u8], iat: i64, exp: i64) -> Vec<u8> {
+        let dcc = ciborium::Value::Map(vec![(
+            ciborium::Value::Text("t".into()),
+            ciborium::Value::Array(vec![ciborium::Value::Map(vec![])]),
+        )]);
+        let payload = CwtClaims {
+            iss: "SE".into(),
+            iat: iat as u64,
+            exp: exp as u64,
+            hcert: dcc,
+        }
+        .to_cbor_bytes();
+        let header = ProtectedHeader::es256(crate::cose::kid::kid(der));
+        let digest = Sha256::digest(sign1::sig_structure(&header, &payload));
+        let sig: p256::ecdsa::Signature = sk.sign_prehash(&digest).unwrap();
+        sign1::assemble(&header, &payload, &sig.to_bytes().into())
+    }
+
+    #[test]
+    fn shell_model_and_clock() {
+        let (sk, der) = dsc();
+        let mut trust = TrustStore::new();
+        trust.add_der(&der).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let t = now.unix_timestamp();
+        // Inside the DSC's day: valid.
+        let r = verify_cose(&signed(&sk, &der, t, t + 3600), &trust, now).unwrap();
+        assert!(r.is_valid(), "{r:?}");
+        // exp after the DSC's notAfter: the signature is fine, the validity is not.
+        let r = verify_cose(&signed(&sk, &der, t, t + 3 * 86_400), &trust, now).unwrap();
+        assert!(r.signature.is_ok());
+        assert_eq!(r.expiration, Err(VerifyFailure::OutsideDscValidity));
+        // Clock before iat and after exp.
+        let r = verify_cose(&signed(&sk, &der, t + 600, t + 3600), &trust, now).unwrap();
+        assert_eq!(r.expiration, Err(VerifyFailure::NotYetValid));
+        let r = verify_cose(&signed(&sk, &der, t - 7200, t - 3600), &trust, now).unwrap();
+        assert_eq!(r.expiration, Err(VerifyFailure::Expired));
+        // A tampered payload does not verify.
+        let mut bad = signed(&sk, &der, t, t + 3600);
+        let n = bad.len();
+        bad[n - 80] ^= 1;
+        if let Ok(r) = verify_cose(&bad, &trust, now) {
+            assert!(r.signature.is_err());
+        }
+    }
 }

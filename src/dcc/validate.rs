@@ -254,8 +254,15 @@ impl Ctx {
     fn unknown(&mut self, o: &Map<String, Value>, allowed: &[&str], prefix: &str) {
         for k in o.keys() {
             if !allowed.contains(&k.as_str()) {
+                // A key is free text from the caller: name it only if it looks like a field
+                // name, so that a name or date sent as a key never reaches messages or logs.
+                let plain = !k.is_empty()
+                    && k.len() <= 20
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                let shown = if plain { k.as_str() } else { "*" };
                 self.err(
-                    join(prefix, k),
+                    join(prefix, shown),
                     Rule::UnknownField,
                     "is not a field of the DCC schema",
                 );
@@ -347,9 +354,8 @@ pub fn validate_schema(payload: &Value) -> Result<Dcc, ValidationErrors> {
 /// optional (the issuer generates it). Unknown fields are refused.
 ///
 /// Vaccination doses: `dn ≤ sd`, except that `sd = 1` allows `dn > 1`: a booster after a
-/// one-dose primary course is written `2/1`, `3/1` … per the eHN guidelines (see the schema
-/// example `standard_case_2-of-1-janssen-janssen.json`); after a multi-dose course boosters are
-/// written `3/3`, so `3/2` is refused.
+/// one-dose primary course is written `2/1`, `3/1` … per the eHN guidelines on encoding
+/// boosters; after a multi-dose course boosters are written `3/3`, so `3/2` is refused.
 pub fn validate(
     payload: &Value,
     expected: Option<CertType>,

@@ -80,6 +80,7 @@ impl SigningPool {
         reply: SignReply,
     ) -> Result<(), HsmError> {
         let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
+        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
         match tx.try_send(Job {
             key: key.private,
             digest,
