@@ -230,13 +230,8 @@ fn wrong_pin_fails_and_is_not_retried() {
 
 #[test]
 fn world_readable_pin_file_is_refused() {
-    use std::os::unix::fs::PermissionsExt;
     let dev = Dev::new();
-    std::fs::set_permissions(
-        dev.file("secrets/user.pin"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    dev.pin_world_readable();
     let out = dev.sign("test", &dev.example("test"));
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));

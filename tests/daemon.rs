@@ -439,23 +439,13 @@ fn no_personal_data_in_daemon_logs_or_ledger() {
 fn startup_refusals_are_one_line_reasons() {
     // A world-readable PIN file.
     let dev = Dev::new();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dev.file("secrets/user.pin"),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .unwrap();
-    }
-    let out = dev.run(&[
-        "serve",
-        "--state-dir",
-        dev.path().to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "none",
-    ]);
+    dev.pin_world_readable();
+    let out = dev.run(
+        &dev.serve_args()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = common::stderr(&out);
     assert!(err.contains("chmod 600"), "{err}");
@@ -467,15 +457,12 @@ fn startup_refusals_are_one_line_reasons() {
         .unwrap()
         .replace("object=dsc-recovery;", "object=dsc-missing;");
     std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
-    let out = dev.run(&[
-        "serve",
-        "--state-dir",
-        dev.path().to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "none",
-    ]);
+    let out = dev.run(
+        &dev.serve_args()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = common::stderr(&out);
     assert!(

@@ -85,6 +85,29 @@ impl Dev {
         (c.reserved, c.signed)
     }
 
+    /// Makes the user PIN file readable by everyone (which dccsign must refuse).
+    pub fn pin_world_readable(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.file("secrets/user.pin");
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// `serve` arguments for this state dir on an ephemeral port, metrics off.
+    pub fn serve_args(&self) -> Vec<String> {
+        let dir = self.path().to_str().unwrap().to_string();
+        [
+            "serve",
+            "--state-dir",
+            &dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "none",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     pub fn dsc_pem(&self, t: &str) -> PathBuf {
         self.file(&format!("pki/dsc-{t}.pem"))
     }
@@ -213,15 +236,7 @@ fn spawn_daemon(dev: &Dev, stderr_path: &Path) -> Spawned {
         .open(stderr_path)
         .unwrap();
     let mut child = Command::new(bin())
-        .args([
-            "serve",
-            "--state-dir",
-            dev.path().to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "none",
-        ])
+        .args(dev.serve_args())
         .env_remove("SOFTHSM2_CONF")
         .env("DCCSIGN_LOG", "info")
         .stdout(std::process::Stdio::piped())
