@@ -596,9 +596,18 @@ fn health_follows_the_ledger_and_the_token() {
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
         assert_eq!(error_detail(&e).code, "2-60-5003");
         std::fs::rename(d.dev.file("tokens.away"), d.dev.file("tokens")).unwrap();
+        // The token is back: SERVING again by itself, and issuing works.
+        assert!(
+            wait_for_health(&ch, ServingStatus::Serving).await,
+            "{}",
+            d.log()
+        );
+        c.issue(issue_request("test", &d.dev.example("test"), "after-token"))
+            .await
+            .unwrap();
     });
     // Nothing was recorded for the refused request.
-    assert_eq!(d.dev.ledger_counts(), (0, 1));
+    assert_eq!(d.dev.ledger_counts(), (0, 2));
     let log = d.log();
     assert!(log.contains("NOT_SERVING"), "{log}");
     let _ = d.terminate();

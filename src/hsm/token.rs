@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use cryptoki::context::Pkcs11;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{
@@ -125,11 +125,32 @@ impl Token {
     /// in — for recovery after the token went away and came back. Key handles must be looked up
     /// again afterwards, and signing pools started anew.
     pub fn reconnect(&self) -> Result<(), HsmError> {
-        let slot = find_slot(&self.ctx, &self.label)?
-            .ok_or_else(|| HsmError::TokenNotFound(self.label.clone()))?;
-        let pin = load_pin(&self.settings.pin, &self.settings.base_dir)?;
-        let session = self.ctx.open_rw_session(slot)?;
-        login(&session, UserType::User, &pin)?;
+        let attempt = || -> Result<(Slot, Session), HsmError> {
+            let slot = find_slot(&self.ctx, &self.label)?
+                .ok_or_else(|| HsmError::TokenNotFound(self.label.clone()))?;
+            let pin = load_pin(&self.settings.pin, &self.settings.base_dir)?;
+            let session = self.ctx.open_rw_session(slot)?;
+            login(&session, UserType::User, &pin)?;
+            Ok((slot, session))
+        };
+        let (slot, session) = match attempt() {
+            Ok(ok) => ok,
+            Err(HsmError::WrongPin | HsmError::PinLocked) => return Err(HsmError::WrongPin),
+            Err(_) => {
+                // The module lost the token (SoftHSM keeps failing after its token directory
+                // vanished, even once it is back): finalise and initialise the library again,
+                // which the PKCS#11 specification allows, so it reads its tokens anew.
+                let _ = self.ctx.clone().finalize();
+                match self
+                    .ctx
+                    .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                {
+                    Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                attempt()?
+            }
+        };
         *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = session;
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
         Ok(())

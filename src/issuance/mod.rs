@@ -117,7 +117,7 @@ pub struct Issuer {
     signers: RwLock<Arc<BTreeMap<CertType, Arc<Signer>>>>,
     pool: RwLock<Arc<SigningPool>>,
     ledger: Arc<dyn Ledger>,
-    uvci_key: Option<UvciKey>,
+    uvci_key: RwLock<Option<UvciKey>>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -155,7 +155,7 @@ impl Issuer {
             signers: RwLock::new(Arc::new(signers)),
             pool: RwLock::new(Arc::new(pool)),
             ledger,
-            uvci_key,
+            uvci_key: RwLock::new(uvci_key),
         }
     }
 
@@ -211,6 +211,13 @@ impl Issuer {
                 }),
             );
         }
+        let mut uvci_key = self.uvci_key.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = uvci_key.as_mut() {
+            k.key = token
+                .find_hmac_key(&k.key.label)
+                .map_err(|e| format!("HSM: {e}"))?;
+        }
+        drop(uvci_key);
         *self.signers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         Ok(())
     }
@@ -246,9 +253,21 @@ impl Issuer {
                 .verify_prehash(&digest, &sig)
                 .map_err(|_| format!("HSM: signature of {} does not verify", s.dsc.dsc.label))?;
         }
+        if let Some(k) = self.uvci_key() {
+            k.token
+                .hmac_sha256(&k.key, b"canary")
+                .map_err(|e| format!("HSM: {e}"))?;
+        }
         self.ledger
             .check_writable()
             .map_err(|e| format!("ledger: {e}"))
+    }
+
+    fn uvci_key(&self) -> Option<UvciKey> {
+        self.uvci_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Validates, records and signs one certificate of type `t` at time `now`, without a
@@ -345,7 +364,7 @@ impl Issuer {
 
     /// The UVCI for a caller's request: HMAC-SHA256 in the token over client and request id.
     fn derived_uvci(&self, ctx: RequestContext<'_>) -> Result<String, IssueError> {
-        match &self.uvci_key {
+        match self.uvci_key() {
             Some(k) => {
                 let mut data = Vec::with_capacity(ctx.client.len() + ctx.request_id.len() + 1);
                 data.extend_from_slice(ctx.client.as_bytes());
@@ -384,7 +403,7 @@ impl Issuer {
             .map_err(|e| IssueError::Replay(e.to_string()))?;
         let mut dcc = self.validated(t, payload, at)?;
         if dcc.uvci().is_none() {
-            if self.uvci_key.is_none() {
+            if self.uvci_key().is_none() {
                 return Err(IssueError::Replay(
                     "no uvci_key is configured to rebuild the generated UVCI".into(),
                 ));
