@@ -3,7 +3,10 @@
 //! descriptor set served by gRPC reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/dccsign/v1/issuance.proto"];
+    let protos = [
+        "proto/dccsign/v1/issuance.proto",
+        "proto/dccsign/v1/keys.proto",
+    ];
     // Paths are relative to the package root (cargo runs build scripts there).
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -274,6 +274,24 @@ fn mtls_and_authorization_refusals() {
             "{}",
             ok.uvci
         );
+        // An issuer may not call the officers' Keys service; an officer may.
+        let mut keys =
+            dccsign::api::pb::keys_client::KeysClient::new(d.channel("issuer-all").await.unwrap());
+        let e = keys.list_keys(pb::ListKeysRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert_eq!(error_detail(&e).code, "2-60-9001");
+        let mut keys =
+            dccsign::api::pb::keys_client::KeysClient::new(d.channel("officer-1").await.unwrap());
+        let listed = keys
+            .list_keys(pb::ListKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.keys.len(), 3);
+        assert!(listed
+            .keys
+            .iter()
+            .all(|k| k.uri.starts_with("pkcs11:token=dccsign-dev;") && k.state == "active"));
         // An officer may not call the Issuance service.
         let e = dccsign::api::client::issuance(d.channel("officer-1").await.unwrap())
             .issue(req())

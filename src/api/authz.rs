@@ -16,7 +16,7 @@ use crate::dcc::CertType;
 pub enum Service {
     /// `dccsign.v1.Issuance`: issuers only.
     Issuance,
-    /// Key lifecycle (security officers only).
+    /// `dccsign.v1.Keys`: key lifecycle, security officers only.
     Keys,
 }
 

@@ -10,6 +10,7 @@ pub mod client;
 pub mod error;
 pub mod health;
 pub mod issuance;
+pub mod keys;
 pub mod limits;
 pub mod pb;
 pub mod server;

@@ -147,9 +147,15 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
 
+    let authz = Arc::new(Authorizer::new(&cfg.clients));
+    let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
+        issuer.clone(),
+        authz.clone(),
+        cfg.hsm.token.clone(),
+    ));
     let service = IssuanceService::new(
         issuer.clone(),
-        Arc::new(Authorizer::new(&cfg.clients)),
+        authz,
         Arc::new(Limits::new(
             server_cfg.max_in_flight_per_client,
             server_cfg.rate_per_second,
@@ -175,6 +181,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(issuance)
+        .add_service(keys)
         .serve_with_incoming_shutdown(incoming, {
             let stop_tx = stop_tx.clone();
             async move {
