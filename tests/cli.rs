@@ -378,3 +378,41 @@ fn a_key_uri_for_another_token_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn json_logs_are_structured_and_free_of_personal_data() {
+    let dev = Dev::new();
+    let mut p = dev.example("test");
+    p["nam"]["fnt"] = json!("ZZMARKERZZ");
+    let path = dev.file("p.json");
+    std::fs::write(&path, p.to_string()).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "--log-format",
+            "json",
+            "sign",
+            "--state-dir",
+            dev.path().to_str().unwrap(),
+            "--type",
+            "test",
+            "--payload",
+            path.to_str().unwrap(),
+        ])
+        .env("DCCSIGN_LOG", "info")
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+        .collect();
+    let signed = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "signed")
+        .unwrap_or_else(|| panic!("no 'signed' event in {events:?}"));
+    assert_eq!(signed["fields"]["cert_type"], "test");
+    assert_eq!(signed["fields"]["kid"].as_str().unwrap().len(), 16);
+    assert!(!stderr(&out).contains("ZZMARKERZZ"));
+}

@@ -660,3 +660,90 @@ fn the_client_deadline_is_honoured() {
         c.issue(req).await.unwrap();
     });
 }
+
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    // The shared harness turns metrics off; this daemon has them on an ephemeral port.
+    let dev = Dev::new();
+    let mut child = std::process::Command::new(common::bin())
+        .args([
+            "serve",
+            "--state-dir",
+            dev.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &metrics,
+        ])
+        .env_remove("SOFTHSM2_CONF")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let addr = line.split_whitespace().last().unwrap().to_string();
+    rt().block_on(async {
+        let ch = dccsign::api::client::connect(
+            &addr,
+            &dev.file("pki/clients/issuer-all.pem"),
+            &dev.file("pki/clients/issuer-all.key"),
+            &dev.file("pki/tls/ca.pem"),
+            "localhost",
+        )
+        .await
+        .unwrap();
+        let mut c = dccsign::api::client::issuance(ch);
+        c.issue(issue_request(
+            "vaccination",
+            &dev.example("vaccination"),
+            "m-1",
+        ))
+        .await
+        .unwrap();
+        let mut bad = dev.example("test");
+        bad["t"][0]["tr"] = json!("260373001");
+        c.issue(issue_request("test", &bad, "m-2"))
+            .await
+            .unwrap_err();
+    });
+    let text = scrape(&metrics);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for needle in [
+        "dccsign_certificates_signed_total{type=\"vaccination\"",
+        "client=\"spiffe://dccsign.dev/issuer-all\"",
+        "dccsign_rejections_total{code=\"2-60-1001-21\"} 1",
+        "dccsign_request_seconds_bucket",
+        "dccsign_hsm_sign_seconds_bucket",
+        "dccsign_ledger_commit_seconds_bucket",
+        "dccsign_hsm_queue_depth",
+        "dccsign_hsm_sessions_busy",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle} missing from /metrics:\n{text}"
+        );
+    }
+}
