@@ -72,6 +72,19 @@ pub async fn serve(
         .ok_or_else(|| ServeError::Config("no [server] section".into()))?;
     let now = time::OffsetDateTime::now_utc();
 
+    // Metrics first: handles taken before the recorder is installed (e.g. by the HSM pool's
+    // workers) would stay no-ops.
+    if let Some(addr) = server_cfg.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+            .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
+            .install()
+            .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))?;
+    }
+
     // Start-up checks, each failing with one line.
     let tls_config = tls::server_config(
         &cfg.resolve(&server_cfg.certificate),
@@ -105,17 +118,6 @@ pub async fn serve(
         Arc::new(ledger),
         uvci_key,
     ));
-
-    if let Some(addr) = server_cfg.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .set_buckets(&[
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
-            .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
-            .install()
-            .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))?;
-    }
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
