@@ -747,3 +747,40 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
         );
     }
 }
+
+#[test]
+fn the_load_generator_reports_verified_throughput() {
+    let d = Daemon::start();
+    for mode in ["unary", "stream"] {
+        let out = d.dev.run(&[
+            "load",
+            "--state-dir",
+            d.dev.path().to_str().unwrap(),
+            "--addr",
+            &d.addr,
+            "--mode",
+            mode,
+            "--duration",
+            "2",
+            "--connections",
+            "2",
+            "--concurrency",
+            "8",
+            "--verify-every",
+            "5",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{mode}: {}", common::stderr(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(r["ok"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["verified"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["verify_failures"], 0);
+        assert_eq!(r["errors"], json!({}));
+        assert!(
+            r["latency_ms"]["p99"].as_f64().unwrap() >= r["latency_ms"]["p50"].as_f64().unwrap()
+        );
+    }
+    // Every certificate the generator counted is in the ledger.
+    let (_, signed) = d.dev.ledger_counts();
+    assert!(signed > 0);
+}

@@ -4,6 +4,7 @@
 
 mod example;
 mod issue;
+mod load;
 mod serve;
 mod verify;
 
@@ -85,6 +86,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Issue one certificate through a running daemon (mTLS client); prints the HC1.
     Issue(serve::IssueArgs),
+    /// Drive a running daemon with load over mTLS and report throughput and latency.
+    Load(load::LoadArgs),
     /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one).
     DevClientCert {
         /// State directory written by `dev-init`.
@@ -125,6 +128,7 @@ pub fn run() -> ExitCode {
         Command::ExamplePayload(args) => example::run(args),
         Command::Serve(args) => serve::serve(args),
         Command::Issue(args) => serve::issue(args),
+        Command::Load(args) => load::run(args),
         Command::DevClientCert {
             state_dir,
             name,

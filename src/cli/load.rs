@@ -1,0 +1,524 @@
+//! `dccsign load`: a load generator that drives a running daemon over real mutual TLS, and
+//! optionally measures the raw SoftHSM signing rate in the same run for comparison.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dccsign::api::pb;
+use dccsign::config::Config;
+use dccsign::dcc::CertType;
+use serde_json::json;
+
+/// Arguments of `load`.
+#[derive(clap::Args, Debug)]
+pub struct LoadArgs {
+    /// State directory of a development daemon (client certificate, CA, address, token for --raw-hsm).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Development client to act as.
+    #[arg(long = "as", default_value = "issuer-all")]
+    as_client: String,
+    /// Server address; default from the config.
+    #[arg(long)]
+    addr: Option<String>,
+    /// `unary` (one RPC per certificate) or `stream` (IssueStream per connection).
+    #[arg(long, default_value = "unary")]
+    mode: Mode,
+    /// TCP/TLS connections.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Open-loop target rate (certificates/s over all connections); latency is measured from
+    /// the scheduled start, so queueing counts. Without it: closed loop at full speed.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Verify every Nth response's signature against the DSC from GetSigningInfo (0 = none).
+    #[arg(long, default_value_t = 50)]
+    verify_every: u64,
+    /// Also measure the raw SoftHSM CKM_ECDSA rate with as many threads as the daemon's pool.
+    #[arg(long)]
+    raw_hsm: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Unary,
+    Stream,
+}
+
+#[derive(Default)]
+struct Stats {
+    latencies_us: Mutex<Vec<u32>>,
+    ok: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    verified: AtomicU64,
+    verify_failures: AtomicU64,
+}
+
+impl Stats {
+    fn error(&self, code: String) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+}
+
+/// The payload mix: 60 % vaccination, 35 % test, 5 % recovery.
+fn pick(n: u64) -> CertType {
+    match n % 20 {
+        0..=11 => CertType::Vaccination,
+        12..=18 => CertType::Test,
+        _ => CertType::Recovery,
+    }
+}
+
+fn request(n: u64, run: &str, payloads: &BTreeMap<CertType, String>) -> pb::IssueRequest {
+    let t = pick(n);
+    let ty = match t {
+        CertType::Test => pb::CertificateType::Test,
+        CertType::Vaccination => pb::CertificateType::Vaccination,
+        CertType::Recovery => pb::CertificateType::Recovery,
+    };
+    pb::IssueRequest {
+        request_id: format!("{run}-{n}"),
+        r#type: ty as i32,
+        payload: Some(pb::issue_request::Payload::PayloadJson(
+            payloads[&t].clone(),
+        )),
+        want_qr: 0,
+    }
+}
+
+fn code_of(s: &tonic::Status) -> String {
+    use prost::Message;
+    s.metadata()
+        .get_bin("dccsign-error-bin")
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok())
+        .map(|d| d.code)
+        .unwrap_or_else(|| format!("{:?}", s.code()))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Runs `load`.
+pub fn run(args: LoadArgs) -> ExitCode {
+    match run_inner(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn raw_hsm_rate(cfg: &Config, seconds: u64) -> Result<(usize, f64), String> {
+    let token = dccsign::hsm::Token::open(&cfg.token_settings()).map_err(|e| e.to_string())?;
+    let dscs = dccsign::keys::DscSet::load(cfg, &token, time::OffsetDateTime::now_utc())
+        .map_err(|e| e.to_string())?;
+    let key = dscs.iter().next().ok_or("no DSC configured")?.1.key.clone();
+    let threads = cfg.pool_size();
+    let pool = Arc::new(
+        token
+            .signing_pool(threads, threads * 4)
+            .map_err(|e| e.to_string())?,
+    );
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (pool, key, count) = (pool.clone(), key.clone(), count.clone());
+            std::thread::spawn(move || {
+                while Instant::now() < deadline {
+                    if pool.sign(&key, [7u8; 32]).is_ok() {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok((
+        threads,
+        count.load(Ordering::Relaxed) as f64 / seconds as f64,
+    ))
+}
+
+fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
+    let cfg = Config::load(&args.state_dir.join("dccsign.toml")).map_err(|e| e.to_string())?;
+    cfg.export_softhsm_env();
+    let addr = match &args.addr {
+        Some(a) => a.clone(),
+        None => cfg
+            .server
+            .as_ref()
+            .map(|s| s.listen.to_string())
+            .ok_or("no [server] in config; give --addr")?,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let payloads: BTreeMap<CertType, String> = CertType::ALL
+        .iter()
+        .map(|t| {
+            (
+                *t,
+                super::example::example(*t, &cfg.issuer.country, None, now).to_string(),
+            )
+        })
+        .collect();
+    let run_id = format!("load-{:x}", rand::random::<u32>());
+    let stats = Arc::new(Stats::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let dir = args.state_dir.clone();
+    let (cert, key, ca) = (
+        dir.join(format!("pki/clients/{}.pem", args.as_client)),
+        dir.join(format!("pki/clients/{}.key", args.as_client)),
+        dir.join("pki/tls/ca.pem"),
+    );
+    let elapsed = rt.block_on(async {
+        let mut channels = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            channels
+                .push(dccsign::api::client::connect(&addr, &cert, &key, &ca, "localhost").await?);
+        }
+        // Trust the DSCs the daemon reports, to verify a sample of responses.
+        let info = dccsign::api::client::issuance(channels[0].clone())
+            .get_signing_info(pb::GetSigningInfoRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        let mut trust = dccsign::cose::TrustStore::new();
+        for s in &info.signers {
+            trust.add_der(&s.certificate).map_err(|e| e.to_string())?;
+        }
+        let trust = Arc::new(trust);
+        let counter = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(args.duration);
+        let per_conn_rate = args.rate.map(|r| r / channels.len() as f64);
+        let progress = {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let ok = stats.ok.load(Ordering::Relaxed);
+                    eprint!(
+                        "\r{:>6.1}s  {:>8} ok  {:>7}/s   ",
+                        start.elapsed().as_secs_f64(),
+                        ok,
+                        ok - last
+                    );
+                    last = ok;
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for ch in channels {
+            let (stats, trust, counter, payloads, run_id) = (
+                stats.clone(),
+                trust.clone(),
+                counter.clone(),
+                payloads.clone(),
+                run_id.clone(),
+            );
+            let (mode, k, verify_every) = (args.mode, args.concurrency.max(1), args.verify_every);
+            tasks.push(tokio::spawn(async move {
+                match mode {
+                    Mode::Unary => {
+                        unary(
+                            ch,
+                            k,
+                            deadline,
+                            per_conn_rate,
+                            stats,
+                            trust,
+                            counter,
+                            payloads,
+                            run_id,
+                            verify_every,
+                        )
+                        .await
+                    }
+                    Mode::Stream => {
+                        stream(
+                            ch,
+                            k,
+                            deadline,
+                            stats,
+                            trust,
+                            counter,
+                            payloads,
+                            run_id,
+                            verify_every,
+                        )
+                        .await
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        progress.abort();
+        eprintln!();
+        Ok::<_, String>(start.elapsed())
+    })?;
+
+    let raw = if args.raw_hsm {
+        Some(raw_hsm_rate(&cfg, 5)?)
+    } else {
+        None
+    };
+    let mut lat = stats
+        .latencies_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    lat.sort_unstable();
+    let ok = stats.ok.load(Ordering::Relaxed);
+    let rate = ok as f64 / elapsed.as_secs_f64();
+    let errors = stats
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let rss_kib = daemon_rss_kib();
+    let summary = json!({
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "connections": args.connections, "concurrency": args.concurrency,
+        "target_rate": args.rate, "seconds": elapsed.as_secs_f64(),
+        "ok": ok, "certificates_per_second": rate,
+        "latency_ms": {"p50": percentile(&lat, 0.50), "p90": percentile(&lat, 0.90),
+                        "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999)},
+        "errors": errors,
+        "verified": stats.verified.load(Ordering::Relaxed),
+        "verify_failures": stats.verify_failures.load(Ordering::Relaxed),
+        "raw_hsm": raw.map(|(threads, r)| json!({"threads": threads, "signatures_per_second": r, "ratio": rate / r})),
+        "daemon_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+    });
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{} mode, {} connections x {} in flight{}: {} certificates in {:.1} s = {:.0}/s",
+            summary["mode"].as_str().unwrap_or(""),
+            args.connections,
+            args.concurrency,
+            args.rate
+                .map(|r| format!(", target {r}/s"))
+                .unwrap_or_default(),
+            ok,
+            elapsed.as_secs_f64(),
+            rate
+        );
+        println!(
+            "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999)
+        );
+        println!(
+            "verified {} sampled responses, {} failures; errors: {:?}",
+            summary["verified"], summary["verify_failures"], errors
+        );
+        if let Some((threads, r)) = raw {
+            println!(
+                "raw SoftHSM: {r:.0} signatures/s with {threads} threads; daemon/raw = {:.3}",
+                rate / r
+            );
+        }
+        if let Some(k) = rss_kib {
+            println!("daemon RSS: {:.1} MiB", k as f64 / 1024.0);
+        }
+    }
+    let failed = !errors.is_empty() || stats.verify_failures.load(Ordering::Relaxed) > 0 || ok == 0;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// RSS of a running `dccsign serve`, from /proc (Linux), if one is found.
+fn daemon_rss_kib() -> Option<u64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("dccsign") && cmd.contains("serve") {
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            return status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok());
+        }
+    }
+    None
+}
+
+fn check(
+    stats: &Stats,
+    trust: &dccsign::cose::TrustStore,
+    r: &pb::IssueResponse,
+    n: u64,
+    every: u64,
+) {
+    if every == 0 || n % every != 0 {
+        return;
+    }
+    match dccsign::cose::verify_cose(&r.cose, trust, time::OffsetDateTime::now_utc()) {
+        Ok(rep) if rep.is_valid() => stats.verified.fetch_add(1, Ordering::Relaxed),
+        _ => stats.verify_failures.fetch_add(1, Ordering::Relaxed),
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn unary(
+    ch: tonic::transport::Channel,
+    k: usize,
+    deadline: Instant,
+    rate: Option<f64>,
+    stats: Arc<Stats>,
+    trust: Arc<dccsign::cose::TrustStore>,
+    counter: Arc<AtomicU64>,
+    payloads: BTreeMap<CertType, String>,
+    run: String,
+    verify_every: u64,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(k));
+    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
+    let mut next = Instant::now();
+    while Instant::now() < deadline {
+        let scheduled = match interval {
+            Some(iv) => {
+                tokio::time::sleep_until(next.into()).await;
+                let s = next;
+                next += iv;
+                s
+            }
+            None => Instant::now(),
+        };
+        let Ok(permit) = gate.clone().acquire_owned().await else {
+            break;
+        };
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let req = request(n, &run, &payloads);
+        let mut c = dccsign::api::client::issuance(ch.clone());
+        let (stats, trust) = (stats.clone(), trust.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match c.issue(req).await {
+                Ok(r) => {
+                    let us = scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    stats
+                        .latencies_us
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(us);
+                    stats.ok.fetch_add(1, Ordering::Relaxed);
+                    check(&stats, &trust, &r.into_inner(), n, verify_every);
+                }
+                Err(s) => stats.error(code_of(&s)),
+            }
+        });
+    }
+    let _ = gate.acquire_many(k as u32).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    ch: tonic::transport::Channel,
+    k: usize,
+    deadline: Instant,
+    stats: Arc<Stats>,
+    trust: Arc<dccsign::cose::TrustStore>,
+    counter: Arc<AtomicU64>,
+    payloads: BTreeMap<CertType, String>,
+    run: String,
+    verify_every: u64,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(k));
+    let started: Arc<Mutex<std::collections::HashMap<String, (Instant, u64)>>> = Arc::default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueRequest>(k);
+    let sender = {
+        let (gate, started) = (gate.clone(), started.clone());
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let Ok(p) = gate.acquire().await else { break };
+                p.forget();
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let req = request(n, &run, &payloads);
+                started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(req.request_id.clone(), (Instant::now(), n));
+                if tx.send(req).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut client = dccsign::api::client::issuance(ch);
+    let Ok(resp) = client
+        .issue_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        stats.error("stream-open".into());
+        return;
+    };
+    let mut resp = resp.into_inner();
+    while let Ok(Some(m)) = resp.message().await {
+        let entry = started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&m.request_id);
+        gate.add_permits(1);
+        match m.result {
+            Some(pb::issue_stream_response::Result::Ok(r)) => {
+                if let Some((t0, n)) = entry {
+                    let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    stats
+                        .latencies_us
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(us);
+                    check(&stats, &trust, &r, n, verify_every);
+                }
+                stats.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(pb::issue_stream_response::Result::Error(e)) => stats.error(e.code),
+            None => stats.error("empty".into()),
+        }
+    }
+    let _ = sender.await;
+}
