@@ -369,21 +369,25 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// RSS of a running `dccsign serve`, from /proc (Linux), if one is found.
+/// RSS of the running `dccsign serve`, from /proc (Linux), when exactly one is running.
 fn daemon_rss_kib() -> Option<u64> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("dccsign") && cmd.contains("serve") {
-            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            return status
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"dccsign"))
+            && args.get(1).is_some_and(|a| *a == b"serve");
+        if is_daemon {
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let rss = status
                 .lines()
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok());
+                .and_then(|v| v.parse::<u64>().ok());
+            found.extend(rss);
         }
     }
-    None
+    (found.len() == 1).then(|| found[0])
 }
 
 fn check(
