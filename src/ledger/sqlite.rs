@@ -49,7 +49,190 @@ CREATE INDEX requests_certificate ON requests (certificate_id);
 
 /// A ledger in one SQLite file.
 pub struct SqliteLedger {
+    /// Reads (and migrations). WAL lets them run beside the writer.
     conn: Mutex<Connection>,
+    /// Writes go to one writer thread, which commits them in groups.
+    writer: Option<crossbeam_channel::Sender<WriteOp>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A write and where its result goes.
+struct WriteOp {
+    kind: WriteKind,
+    reply: crossbeam_channel::Sender<Result<Option<ReservationId>, LedgerError>>,
+}
+
+enum WriteKind {
+    Reserve(Reservation, Option<RequestKey>),
+    Complete(ReservationId, RevocationHash, [u8; 64]),
+    Release(ReservationId),
+}
+
+/// Most writes committed in one transaction.
+const MAX_GROUP: usize = 512;
+
+fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// The writer thread: takes every write waiting, applies each in its own savepoint (a failing
+/// write rolls back alone), commits once — one `fsync` for the group — and only then answers.
+fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("dccsign_ledger_group_size").record(group.len() as f64);
+        let started = std::time::Instant::now();
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for op in group {
+                let _ = op.reply.send(Err(LedgerError::Database(msg.clone())));
+            }
+            continue;
+        }
+        let mut results = Vec::with_capacity(group.len());
+        for op in &group {
+            let r = conn
+                .execute_batch("SAVEPOINT w")
+                .map_err(LedgerError::from)
+                .and_then(|_| {
+                    let r = apply(&conn, &op.kind);
+                    let end = if r.is_ok() {
+                        "RELEASE w"
+                    } else {
+                        "ROLLBACK TO w; RELEASE w"
+                    };
+                    conn.execute_batch(end)?;
+                    r
+                });
+            results.push(r);
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                metrics::histogram!("dccsign_ledger_group_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                for (op, r) in group.into_iter().zip(results) {
+                    let _ = op.reply.send(r);
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                for op in group {
+                    let _ = op
+                        .reply
+                        .send(Err(LedgerError::Database(format!("commit failed: {e}"))));
+                }
+            }
+        }
+    }
+}
+
+fn apply(c: &Connection, kind: &WriteKind) -> Result<Option<ReservationId>, LedgerError> {
+    match kind {
+        WriteKind::Reserve(r, q) => write_reserve(c, r, q.as_ref()).map(Some),
+        WriteKind::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
+        WriteKind::Release(id) => write_release(c, *id).map(|_| None),
+    }
+}
+
+fn write_reserve(
+    c: &Connection,
+    r: &Reservation,
+    request: Option<&RequestKey>,
+) -> Result<ReservationId, LedgerError> {
+    let res = c.execute(
+        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
+        params![&r.uci_hash[..], &r.country_uci_hash[..], r.cert_type.as_str(), &r.kid[..], r.iat, r.exp, now()],
+    );
+    match res {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            let state: Option<String> = c
+                .query_row(
+                    "SELECT state FROM certificates WHERE uci_hash = ?1",
+                    params![&r.uci_hash[..]],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            return match state {
+                Some(state) => Err(LedgerError::DuplicateUvci { state }),
+                None => Err(LedgerError::Database(
+                    "constraint violation on insert".into(),
+                )),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let id = c.last_insert_rowid();
+    if let Some(q) = request {
+        match c.execute(
+            "INSERT INTO requests (client, request_id, request_hash, certificate_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![q.client, q.request_id, &q.request_hash[..], id, now()],
+        ) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == ErrorCode::ConstraintViolation =>
+            {
+                return Err(LedgerError::DuplicateRequest)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(ReservationId(id))
+}
+
+fn write_complete(
+    c: &Connection,
+    id: ReservationId,
+    h: &RevocationHash,
+    signature: &[u8; 64],
+) -> Result<(), LedgerError> {
+    let n = c.execute(
+        "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
+         WHERE id = ?1 AND state = 'reserved'",
+        params![id.0, &h[..], now()],
+    )?;
+    if n != 1 {
+        return Err(LedgerError::NotReserved(id.0));
+    }
+    c.execute(
+        "UPDATE requests SET signature = ?2 WHERE certificate_id = ?1",
+        params![id.0, &signature[..]],
+    )?;
+    Ok(())
+}
+
+fn write_release(c: &Connection, id: ReservationId) -> Result<(), LedgerError> {
+    let n = c.execute(
+        "DELETE FROM certificates WHERE id = ?1 AND state = 'reserved'",
+        params![id.0],
+    )?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(LedgerError::NotReserved(id.0))
+    }
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteLedger {
@@ -71,16 +254,33 @@ fn hash16(v: Vec<u8>) -> Result<RevocationHash, rusqlite::Error> {
 impl SqliteLedger {
     /// Opens (creating if needed) the database and applies migrations.
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        let ledger = SqliteLedger {
-            conn: Mutex::new(conn),
+        let mut ledger = SqliteLedger {
+            conn: Mutex::new(open_conn(path)?),
+            writer: None,
+            writer_thread: None,
         };
         ledger.migrate()?;
+        let write_conn = open_conn(path)?;
+        let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer(write_conn, rx))
+            .map_err(|e| LedgerError::Database(format!("cannot start the ledger writer: {e}")))?;
+        ledger.writer = Some(tx);
+        ledger.writer_thread = Some(handle);
         Ok(ledger)
+    }
+
+    fn write(&self, kind: WriteKind) -> Result<Option<ReservationId>, LedgerError> {
+        let (reply, result) = crossbeam_channel::bounded(1);
+        self.writer
+            .as_ref()
+            .ok_or_else(|| LedgerError::Database("ledger closed".into()))?
+            .send(WriteOp { kind, reply })
+            .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?;
+        result
+            .recv()
+            .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -139,58 +339,8 @@ impl Ledger for SqliteLedger {
         r: &Reservation,
         request: Option<&RequestKey>,
     ) -> Result<ReservationId, LedgerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let res = tx.execute(
-            "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
-            params![
-                &r.uci_hash[..],
-                &r.country_uci_hash[..],
-                r.cert_type.as_str(),
-                &r.kid[..],
-                r.iat,
-                r.exp,
-                now()
-            ],
-        );
-        match res {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == ErrorCode::ConstraintViolation =>
-            {
-                let state: Option<String> = tx
-                    .query_row(
-                        "SELECT state FROM certificates WHERE uci_hash = ?1",
-                        params![&r.uci_hash[..]],
-                        |row| row.get(0),
-                    )
-                    .optional()?;
-                return match state {
-                    Some(state) => Err(LedgerError::DuplicateUvci { state }),
-                    None => Err(LedgerError::Database(
-                        "constraint violation on insert".into(),
-                    )),
-                };
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let id = tx.last_insert_rowid();
-        if let Some(q) = request {
-            match tx.execute(
-                "INSERT INTO requests (client, request_id, request_hash, certificate_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![q.client, q.request_id, &q.request_hash[..], id, now()],
-            ) {
-                Ok(_) => {}
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
-                    return Err(LedgerError::DuplicateRequest)
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        tx.commit()?;
-        Ok(ReservationId(id))
+        self.write(WriteKind::Reserve(r.clone(), request.cloned()))?
+            .ok_or_else(|| LedgerError::Database("reservation without id".into()))
     }
 
     fn complete(
@@ -199,22 +349,8 @@ impl Ledger for SqliteLedger {
         signature_hash: &RevocationHash,
         signature: &[u8; 64],
     ) -> Result<(), LedgerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
-             WHERE id = ?1 AND state = 'reserved'",
-            params![id.0, &signature_hash[..], now()],
-        )?;
-        if n != 1 {
-            return Err(LedgerError::NotReserved(id.0));
-        }
-        tx.execute(
-            "UPDATE requests SET signature = ?2 WHERE certificate_id = ?1",
-            params![id.0, &signature[..]],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.write(WriteKind::Complete(id, *signature_hash, *signature))
+            .map(|_| ())
     }
 
     fn find_request(
@@ -250,15 +386,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
-        let n = self.conn().execute(
-            "DELETE FROM certificates WHERE id = ?1 AND state = 'reserved'",
-            params![id.0],
-        )?;
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(LedgerError::NotReserved(id.0))
-        }
+        self.write(WriteKind::Release(id)).map(|_| ())
     }
 
     fn find_by_uci_hash(
@@ -385,6 +513,34 @@ mod tests {
         let id2 = l.reserve(&res(12), Some(&k2)).unwrap();
         l.release(id2).unwrap();
         assert!(l.find_request("c", "r-2").unwrap().is_none());
+    }
+
+    #[test]
+    fn concurrent_writes_commit_in_groups_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::sync::Arc::new(SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap());
+        // 64 threads reserve and complete at once; two of them use the same UVCI hash.
+        let handles: Vec<_> = (0..64u8)
+            .map(|i| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    let n = if i == 63 { 62 } else { i };
+                    let id = l.reserve(&res(n), None)?;
+                    l.complete(id, &[i; 16], &[i; 64])
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+        assert_eq!(failed.len(), 1, "{results:?}");
+        assert!(matches!(failed[0], Err(LedgerError::DuplicateUvci { .. })));
+        assert_eq!(
+            l.counts().unwrap(),
+            LedgerCounts {
+                reserved: 0,
+                signed: 63
+            }
+        );
     }
 
     #[test]
