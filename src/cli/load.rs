@@ -240,45 +240,22 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         };
         let mut tasks = Vec::new();
         for ch in channels {
-            let (stats, trust, counter, payloads, run_id) = (
-                stats.clone(),
-                trust.clone(),
-                counter.clone(),
-                payloads.clone(),
-                run_id.clone(),
-            );
-            let (mode, k, verify_every) = (args.mode, args.concurrency.max(1), args.verify_every);
+            let w = Worker {
+                ch,
+                in_flight: args.concurrency.max(1),
+                deadline,
+                stats: stats.clone(),
+                trust: trust.clone(),
+                counter: counter.clone(),
+                payloads: payloads.clone(),
+                run: run_id.clone(),
+                verify_every: args.verify_every,
+            };
+            let mode = args.mode;
             tasks.push(tokio::spawn(async move {
                 match mode {
-                    Mode::Unary => {
-                        unary(
-                            ch,
-                            k,
-                            deadline,
-                            per_conn_rate,
-                            stats,
-                            trust,
-                            counter,
-                            payloads,
-                            run_id,
-                            verify_every,
-                        )
-                        .await
-                    }
-                    Mode::Stream => {
-                        stream(
-                            ch,
-                            k,
-                            deadline,
-                            stats,
-                            trust,
-                            counter,
-                            payloads,
-                            run_id,
-                            verify_every,
-                        )
-                        .await
-                    }
+                    Mode::Unary => unary(w, per_conn_rate).await,
+                    Mode::Stream => stream(w).await,
                 }
             }));
         }
@@ -390,6 +367,19 @@ fn daemon_rss_kib() -> Option<u64> {
     (found.len() == 1).then(|| found[0])
 }
 
+/// What every connection's worker shares.
+struct Worker {
+    ch: tonic::transport::Channel,
+    in_flight: usize,
+    deadline: Instant,
+    stats: Arc<Stats>,
+    trust: Arc<dccsign::cose::TrustStore>,
+    counter: Arc<AtomicU64>,
+    payloads: BTreeMap<CertType, String>,
+    run: String,
+    verify_every: u64,
+}
+
 fn check(
     stats: &Stats,
     trust: &dccsign::cose::TrustStore,
@@ -406,19 +396,18 @@ fn check(
     };
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn unary(
-    ch: tonic::transport::Channel,
-    k: usize,
-    deadline: Instant,
-    rate: Option<f64>,
-    stats: Arc<Stats>,
-    trust: Arc<dccsign::cose::TrustStore>,
-    counter: Arc<AtomicU64>,
-    payloads: BTreeMap<CertType, String>,
-    run: String,
-    verify_every: u64,
-) {
+async fn unary(w: Worker, rate: Option<f64>) {
+    let Worker {
+        ch,
+        in_flight: k,
+        deadline,
+        stats,
+        trust,
+        counter,
+        payloads,
+        run,
+        verify_every,
+    } = w;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
     let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
     let mut next = Instant::now();
@@ -459,18 +448,18 @@ async fn unary(
     let _ = gate.acquire_many(k as u32).await;
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn stream(
-    ch: tonic::transport::Channel,
-    k: usize,
-    deadline: Instant,
-    stats: Arc<Stats>,
-    trust: Arc<dccsign::cose::TrustStore>,
-    counter: Arc<AtomicU64>,
-    payloads: BTreeMap<CertType, String>,
-    run: String,
-    verify_every: u64,
-) {
+async fn stream(w: Worker) {
+    let Worker {
+        ch,
+        in_flight: k,
+        deadline,
+        stats,
+        trust,
+        counter,
+        payloads,
+        run,
+        verify_every,
+    } = w;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
     let started: Arc<Mutex<std::collections::HashMap<String, (Instant, u64)>>> = Arc::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueRequest>(k);

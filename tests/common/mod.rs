@@ -5,6 +5,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Personal data planted by tests (`marker_person`) that must never be stored or logged.
+pub const MARKERS: [&str; 5] = [
+    "ZZMARKERZZ",
+    "Zzmarkerzz",
+    "QQMARKERQQ",
+    "Qqmarkerqq",
+    "1931-07-13",
+];
+
+/// A `nam` + `dob` made of the markers.
+pub fn marker_person(payload: &mut serde_json::Value) {
+    payload["nam"] = serde_json::json!({"fn": "Zzmarkerzz", "fnt": "ZZMARKERZZ", "gn": "Qqmarkerqq", "gnt": "QQMARKERQQ"});
+    payload["dob"] = serde_json::json!("1931-07-13");
+}
+
 /// A state directory created by `dccsign dev-init`.
 pub struct Dev {
     pub dir: tempfile::TempDir,
@@ -90,6 +105,21 @@ impl Dev {
         use std::os::unix::fs::PermissionsExt;
         let p = self.file("secrets/user.pin");
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// Asserts that none of [`MARKERS`] appears in `logs` or in the ledger files.
+    pub fn assert_no_personal_data(&self, logs: &str) {
+        for needle in MARKERS {
+            assert!(!logs.contains(needle), "{needle} in the logs:\n{logs}");
+            for f in ["ledger.sqlite", "ledger.sqlite-wal"] {
+                if let Ok(bytes) = std::fs::read(self.file(f)) {
+                    assert!(
+                        !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                        "{needle} found in {f}"
+                    );
+                }
+            }
+        }
     }
 
     /// `serve` arguments for this state dir on an ephemeral port, metrics off.
