@@ -400,11 +400,7 @@ impl Config {
         let Some(k) = &self.issuer.uvci_key else {
             return Ok(None);
         };
-        let label = if k.starts_with("pkcs11:") {
-            k.parse::<crate::hsm::KeyUri>()?.object
-        } else {
-            k.clone()
-        };
+        let (label, _) = crate::hsm::KeyUri::resolve(k, token.label())?;
         Ok(Some(crate::issuance::UvciKey {
             token: token.clone(),
             key: token.find_hmac_key(&label)?,

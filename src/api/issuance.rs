@@ -62,25 +62,18 @@ fn request_id(given: &str) -> Result<String, Status> {
 }
 
 fn cert_type(t: i32, rid: &str) -> Result<CertType, Status> {
-    match pb::CertificateType::try_from(t) {
-        Ok(pb::CertificateType::Test) => Ok(CertType::Test),
-        Ok(pb::CertificateType::Vaccination) => Ok(CertType::Vaccination),
-        Ok(pb::CertificateType::Recovery) => Ok(CertType::Recovery),
-        _ => Err(error::bad_request(
+    match pb::CertificateType::try_from(t)
+        .ok()
+        .and_then(pb::CertificateType::cert_type)
+    {
+        Some(t) => Ok(t),
+        None => Err(error::bad_request(
             "type",
             codes::TYPE_REQUIRED,
             "type-required",
             "must be TEST, VACCINATION or RECOVERY",
             rid,
         )),
-    }
-}
-
-fn pb_type(t: CertType) -> pb::CertificateType {
-    match t {
-        CertType::Test => pb::CertificateType::Test,
-        CertType::Vaccination => pb::CertificateType::Vaccination,
-        CertType::Recovery => pb::CertificateType::Recovery,
     }
 }
 
@@ -358,7 +351,7 @@ impl pb::issuance_server::Issuance for IssuanceService {
             .iter()
             .filter_map(|t| {
                 self.issuer.dsc_for(*t).map(|d| pb::SigningInfo {
-                    r#type: pb_type(*t) as i32,
+                    r#type: pb::CertificateType::from(*t) as i32,
                     kid: d.dsc.kid.to_vec(),
                     certificate: d.dsc.cert_der.clone(),
                     not_before: d.dsc.not_before.unix_timestamp(),

@@ -35,14 +35,6 @@ impl KeysService {
     }
 }
 
-fn pb_type(t: CertType) -> i32 {
-    (match t {
-        CertType::Test => pb::CertificateType::Test,
-        CertType::Vaccination => pb::CertificateType::Vaccination,
-        CertType::Recovery => pb::CertificateType::Recovery,
-    }) as i32
-}
-
 #[tonic::async_trait]
 impl pb::keys_server::Keys for KeysService {
     async fn list_keys(
@@ -67,7 +59,11 @@ impl pb::keys_server::Keys for KeysService {
                 .to_string(),
                 label: d.key.label.clone(),
                 kid: d.dsc.kid.to_vec(),
-                types: d.types.iter().map(|t| pb_type(*t)).collect(),
+                types: d
+                    .types
+                    .iter()
+                    .map(|t| pb::CertificateType::from(*t) as i32)
+                    .collect(),
                 not_before: d.dsc.not_before.unix_timestamp(),
                 not_after: d.dsc.not_after.unix_timestamp(),
                 state: "active".into(),

@@ -89,11 +89,7 @@ fn pick(n: u64) -> CertType {
 
 fn request(n: u64, run: &str, payloads: &BTreeMap<CertType, String>) -> pb::IssueRequest {
     let t = pick(n);
-    let ty = match t {
-        CertType::Test => pb::CertificateType::Test,
-        CertType::Vaccination => pb::CertificateType::Vaccination,
-        CertType::Recovery => pb::CertificateType::Recovery,
-    };
+    let ty = pb::CertificateType::from(t);
     pb::IssueRequest {
         request_id: format!("{run}-{n}"),
         r#type: ty as i32,

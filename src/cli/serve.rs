@@ -188,11 +188,7 @@ fn issue_inner(args: IssueArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("{}: {e}", args.payload.display()))?;
     let payload =
         String::from_utf8(payload).map_err(|_| "the payload is not UTF-8 JSON".to_string())?;
-    let t = match args.cert_type {
-        CertType::Test => pb::CertificateType::Test,
-        CertType::Vaccination => pb::CertificateType::Vaccination,
-        CertType::Recovery => pb::CertificateType::Recovery,
-    };
+    let t = pb::CertificateType::from(args.cert_type);
     let req = pb::IssueRequest {
         request_id: args.request_id.clone().unwrap_or_default(),
         r#type: t as i32,

@@ -18,7 +18,7 @@ mod token;
 mod uri;
 
 pub use error::HsmError;
-pub(crate) use pin::write_pin_file_new;
+pub(crate) use pin::write_private_file;
 pub use pin::{load_pin, PinSource};
 pub use pool::{SignReply, SigningPool};
 pub use signer::TokenSigner;

@@ -71,8 +71,9 @@ fn check_file_mode(_path: &Path) -> Result<(), HsmError> {
     Ok(())
 }
 
-/// Writes a new PIN file with mode 0600 (used by `dev-init`).
-pub(crate) fn write_pin_file_new(path: &Path, pin: &str) -> std::io::Result<()> {
+/// Writes a new file readable by the owner only (mode 0600, created exclusively, synced): PIN
+/// files and development TLS keys.
+pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -81,8 +82,7 @@ pub(crate) fn write_pin_file_new(path: &Path, pin: &str) -> std::io::Result<()> 
     #[cfg(unix)]
     opts.mode(0o600);
     let mut f = opts.open(path)?;
-    f.write_all(pin.as_bytes())?;
-    f.write_all(b"\n")?;
+    f.write_all(bytes)?;
     f.sync_all()
 }
 

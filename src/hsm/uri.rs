@@ -59,6 +59,24 @@ fn pct_decode(s: &str) -> Result<Vec<u8>, HsmError> {
     Ok(out)
 }
 
+impl KeyUri {
+    /// Resolves a key reference from the configuration — a bare `CKA_LABEL` or a `pkcs11:` URI —
+    /// to `(label, id)` on the token labelled `token`. A URI naming another token is refused.
+    pub fn resolve(reference: &str, token: &str) -> Result<(String, Option<Vec<u8>>), HsmError> {
+        if !reference.starts_with("pkcs11:") {
+            return Ok((reference.to_string(), None));
+        }
+        let uri: KeyUri = reference.parse()?;
+        if uri.token != token {
+            return Err(HsmError::Uri(format!(
+                "the URI names token {:?}, the configured token is {:?}",
+                uri.token, token
+            )));
+        }
+        Ok((uri.object, uri.id))
+    }
+}
+
 impl fmt::Display for KeyUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = String::from("pkcs11:token=");
@@ -123,6 +141,22 @@ mod tests {
             "pkcs11:token=dccsign%20dev;id=%01%AB;object=dsc-test;type=private"
         );
         assert_eq!(s.parse::<KeyUri>().unwrap(), u);
+    }
+
+    #[test]
+    fn resolve_label_or_uri() {
+        assert_eq!(
+            KeyUri::resolve("dsc-test", "t").unwrap(),
+            ("dsc-test".into(), None)
+        );
+        let (label, id) =
+            KeyUri::resolve("pkcs11:token=t;id=%01;object=k;type=private", "t").unwrap();
+        assert_eq!((label.as_str(), id), ("k", Some(vec![1])));
+        let e = KeyUri::resolve("pkcs11:token=other;object=k", "t").unwrap_err();
+        assert!(
+            e.to_string().contains("the URI names token \"other\""),
+            "{e}"
+        );
     }
 
     #[test]

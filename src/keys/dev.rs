@@ -77,7 +77,7 @@ fn mkdir_private(path: &Path) -> Result<(), KeysError> {
 fn ensure_pin(path: &Path, created: &mut Vec<String>) -> Result<SecretString, KeysError> {
     if !path.exists() {
         let pin = Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20);
-        crate::hsm::write_pin_file_new(path, &pin).map_err(io(path))?;
+        crate::hsm::write_private_file(path, format!("{pin}\n").as_bytes()).map_err(io(path))?;
         created.push(format!("PIN file {}", path.display()));
     }
     Ok(load_pin(

@@ -113,22 +113,8 @@ impl DscSet {
                 label: d.key.clone(),
                 message,
             };
-            let (label, want_id) = if d.key.starts_with("pkcs11:") {
-                let uri: KeyUri = d
-                    .key
-                    .parse()
-                    .map_err(|e: crate::hsm::HsmError| derr(e.to_string()))?;
-                if uri.token != token.label() {
-                    return Err(derr(format!(
-                        "the URI names token {:?}, the configured token is {:?}",
-                        uri.token,
-                        token.label()
-                    )));
-                }
-                (uri.object, uri.id)
-            } else {
-                (d.key.clone(), None)
-            };
+            let (label, want_id) =
+                KeyUri::resolve(&d.key, token.label()).map_err(|e| derr(e.to_string()))?;
             let dsc = Dsc::from_pem_file(&label, &cfg.resolve(&d.certificate))?;
             for t in &d.types {
                 if !dsc.allows(*t) {

@@ -103,21 +103,9 @@ pub fn issue_tls_leaf(
     let key_path = dir.join(format!("{name}.key"));
     let cert_path = dir.join(format!("{name}.pem"));
     let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(b)?;
-    write_private(&key_path, pem.as_bytes())?;
+    // A re-issued leaf replaces the old key file.
+    let _ = std::fs::remove_file(&key_path);
+    crate::hsm::write_private_file(&key_path, pem.as_bytes()).map_err(io(&key_path))?;
     std::fs::write(&cert_path, to_pem(&cert)?).map_err(io(&cert_path))?;
     Ok((cert_path, key_path))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeysError> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
 }

@@ -297,11 +297,7 @@ pub fn issue_request(
     request_id: &str,
 ) -> dccsign::api::pb::IssueRequest {
     use dccsign::api::pb;
-    let ty = match t {
-        "test" => pb::CertificateType::Test,
-        "vaccination" => pb::CertificateType::Vaccination,
-        _ => pb::CertificateType::Recovery,
-    };
+    let ty = pb::CertificateType::from(t.parse::<dccsign::dcc::CertType>().unwrap());
     pb::IssueRequest {
         request_id: request_id.into(),
         r#type: ty as i32,
