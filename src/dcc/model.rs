@@ -186,70 +186,13 @@ impl Dcc {
 
     /// The payload as JSON, fields in schema order, absent optional fields omitted.
     pub fn to_json(&self) -> Json {
-        fn put(m: &mut Map<String, Json>, k: &str, v: &Option<String>) {
-            if let Some(v) = v {
-                m.insert(k.into(), Json::String(v.clone()));
-            }
-        }
-        fn s(v: &str) -> Json {
-            Json::String(v.to_string())
-        }
-        let mut nam = Map::new();
-        put(&mut nam, "fn", &self.nam.family);
-        put(&mut nam, "fnt", &self.nam.family_std);
-        put(&mut nam, "gn", &self.nam.given);
-        put(&mut nam, "gnt", &self.nam.given_std);
-        let mut e = Map::new();
-        let key = match &self.statement {
-            Statement::Vaccination(v) => {
-                e.insert("tg".into(), s(&v.tg));
-                e.insert("vp".into(), s(&v.vp));
-                e.insert("mp".into(), s(&v.mp));
-                e.insert("ma".into(), s(&v.ma));
-                e.insert("dn".into(), Json::from(v.dn));
-                e.insert("sd".into(), Json::from(v.sd));
-                e.insert("dt".into(), s(&v.dt));
-                e.insert("co".into(), s(&v.co));
-                e.insert("is".into(), s(&v.is));
-                put(&mut e, "ci", &v.ci);
-                "v"
-            }
-            Statement::Test(t) => {
-                e.insert("tg".into(), s(&t.tg));
-                e.insert("tt".into(), s(&t.tt));
-                put(&mut e, "nm", &t.nm);
-                put(&mut e, "ma", &t.ma);
-                e.insert("sc".into(), s(&t.sc));
-                e.insert("tr".into(), s(&t.tr));
-                put(&mut e, "tc", &t.tc);
-                e.insert("co".into(), s(&t.co));
-                e.insert("is".into(), s(&t.is));
-                put(&mut e, "ci", &t.ci);
-                "t"
-            }
-            Statement::Recovery(r) => {
-                e.insert("tg".into(), s(&r.tg));
-                e.insert("fr".into(), s(&r.fr));
-                e.insert("co".into(), s(&r.co));
-                e.insert("is".into(), s(&r.is));
-                e.insert("df".into(), s(&r.df));
-                e.insert("du".into(), s(&r.du));
-                put(&mut e, "ci", &r.ci);
-                "r"
-            }
-        };
-        let mut root = Map::new();
-        root.insert("ver".into(), s(&self.ver));
-        root.insert("nam".into(), Json::Object(nam));
-        root.insert("dob".into(), s(&self.dob));
-        root.insert(key.into(), Json::Array(vec![Json::Object(e)]));
-        Json::Object(root)
+        self.build()
     }
 
     /// The DCC map for the CWT's hcert claim: text keys, `dn`/`sd` unsigned integers, `sc`
-    /// untagged text.
+    /// untagged text. Built directly (no JSON in between: this runs for every signature).
     pub fn to_cbor(&self) -> Cbor {
-        json_to_cbor(&self.to_json())
+        self.build()
     }
 
     /// [`Dcc::to_cbor`] serialised.
@@ -258,24 +201,112 @@ impl Dcc {
         let _ = ciborium::ser::into_writer(&self.to_cbor(), &mut out);
         out
     }
+
+    /// One walk over the fields, in schema order, for both output forms.
+    fn build<T: Tree>(&self) -> T {
+        fn opt<T: Tree>(m: &mut Vec<(&'static str, T)>, k: &'static str, v: &Option<String>) {
+            if let Some(v) = v {
+                m.push((k, T::text(v)));
+            }
+        }
+        let mut nam = Vec::with_capacity(4);
+        opt(&mut nam, "fn", &self.nam.family);
+        opt(&mut nam, "fnt", &self.nam.family_std);
+        opt(&mut nam, "gn", &self.nam.given);
+        opt(&mut nam, "gnt", &self.nam.given_std);
+        let mut e: Vec<(&'static str, T)> = Vec::with_capacity(10);
+        let key = match &self.statement {
+            Statement::Vaccination(v) => {
+                e.push(("tg", T::text(&v.tg)));
+                e.push(("vp", T::text(&v.vp)));
+                e.push(("mp", T::text(&v.mp)));
+                e.push(("ma", T::text(&v.ma)));
+                e.push(("dn", T::uint(v.dn)));
+                e.push(("sd", T::uint(v.sd)));
+                e.push(("dt", T::text(&v.dt)));
+                e.push(("co", T::text(&v.co)));
+                e.push(("is", T::text(&v.is)));
+                opt(&mut e, "ci", &v.ci);
+                "v"
+            }
+            Statement::Test(t) => {
+                e.push(("tg", T::text(&t.tg)));
+                e.push(("tt", T::text(&t.tt)));
+                opt(&mut e, "nm", &t.nm);
+                opt(&mut e, "ma", &t.ma);
+                e.push(("sc", T::text(&t.sc)));
+                e.push(("tr", T::text(&t.tr)));
+                opt(&mut e, "tc", &t.tc);
+                e.push(("co", T::text(&t.co)));
+                e.push(("is", T::text(&t.is)));
+                opt(&mut e, "ci", &t.ci);
+                "t"
+            }
+            Statement::Recovery(r) => {
+                e.push(("tg", T::text(&r.tg)));
+                e.push(("fr", T::text(&r.fr)));
+                e.push(("co", T::text(&r.co)));
+                e.push(("is", T::text(&r.is)));
+                e.push(("df", T::text(&r.df)));
+                e.push(("du", T::text(&r.du)));
+                opt(&mut e, "ci", &r.ci);
+                "r"
+            }
+        };
+        T::map(vec![
+            ("ver", T::text(&self.ver)),
+            ("nam", T::map(nam)),
+            ("dob", T::text(&self.dob)),
+            (key, T::array(vec![T::map(e)])),
+        ])
+    }
 }
 
-/// JSON of the shapes a `Dcc` produces (objects, arrays, strings, unsigned integers) to CBOR.
-fn json_to_cbor(v: &Json) -> Cbor {
-    match v {
-        Json::String(s) => Cbor::Text(s.clone()),
-        Json::Number(n) => match n.as_u64() {
-            Some(u) => Cbor::Integer(u.into()),
-            None => Cbor::Integer(n.as_i64().unwrap_or_default().into()),
-        },
-        Json::Array(a) => Cbor::Array(a.iter().map(json_to_cbor).collect()),
-        Json::Object(o) => Cbor::Map(
-            o.iter()
-                .map(|(k, v)| (Cbor::Text(k.clone()), json_to_cbor(v)))
+/// The two trees a `Dcc` is written as: JSON and CBOR.
+trait Tree: Sized {
+    fn text(s: &str) -> Self;
+    fn uint(n: u64) -> Self;
+    fn map(entries: Vec<(&'static str, Self)>) -> Self;
+    fn array(items: Vec<Self>) -> Self;
+}
+
+impl Tree for Json {
+    fn text(s: &str) -> Self {
+        Json::String(s.to_string())
+    }
+    fn uint(n: u64) -> Self {
+        Json::from(n)
+    }
+    fn map(entries: Vec<(&'static str, Self)>) -> Self {
+        Json::Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<Map<_, _>>(),
+        )
+    }
+    fn array(items: Vec<Self>) -> Self {
+        Json::Array(items)
+    }
+}
+
+impl Tree for Cbor {
+    fn text(s: &str) -> Self {
+        Cbor::Text(s.to_string())
+    }
+    fn uint(n: u64) -> Self {
+        Cbor::Integer(n.into())
+    }
+    fn map(entries: Vec<(&'static str, Self)>) -> Self {
+        Cbor::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (Cbor::Text(k.to_string()), v))
                 .collect(),
-        ),
-        Json::Bool(b) => Cbor::Bool(*b),
-        Json::Null => Cbor::Null,
+        )
+    }
+    fn array(items: Vec<Self>) -> Self {
+        Cbor::Array(items)
     }
 }
 
