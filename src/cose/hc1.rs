@@ -1,10 +1,11 @@
 //! HC1: `"HC1:"` + Base45(zlib(COSE_Sign1)).
 
+use std::cell::RefCell;
 use std::io::{Read, Write};
 
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
-use flate2::Compression;
+use flate2::{Compress, Compression, FlushCompress, Status};
 
 use super::CoseError;
 
@@ -14,13 +15,41 @@ pub const PREFIX: &str = "HC1:";
 /// Largest inflated size accepted when decoding (a QR code holds < 3 KiB; this bounds a zlib bomb).
 const MAX_INFLATED: u64 = 64 * 1024;
 
+thread_local! {
+    /// One deflate state per thread, reset between certificates: building a fresh one allocates
+    /// and zeroes ~300 KiB of hash tables, which was the largest CPU cost of encoding.
+    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::best(), true));
+}
+
+/// zlib (best compression: header `78 DA`) of `data`, with this thread's reused deflate state.
+pub fn zlib(data: &[u8]) -> Vec<u8> {
+    DEFLATE.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset();
+        // Deflate's worst case is a few bytes per 16 KiB block over the input, plus the header.
+        let mut out = Vec::with_capacity(data.len() + data.len() / 1000 + 64);
+        loop {
+            let consumed = d.total_in() as usize;
+            match d.compress_vec(&data[consumed..], &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => return out,
+                // Out of room (or no progress possible without it): grow and go on.
+                Ok(_) => out.reserve(out.capacity().max(64)),
+                Err(_) => {
+                    // Only a misuse of the stream could fail here; start from a fresh state.
+                    *d = Compress::new(Compression::best(), true);
+                    let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
+                    let _ = z.write_all(data);
+                    return z.finish().unwrap_or_default();
+                }
+            }
+        }
+    })
+}
+
 /// Compresses (zlib, best compression: header `78 DA`) — always, even if it grows — then
 /// Base45-encodes and prefixes.
 pub fn encode(cose: &[u8]) -> String {
-    let mut z = ZlibEncoder::new(Vec::with_capacity(cose.len()), Compression::best());
-    // Writing into a Vec cannot fail.
-    let _ = z.write_all(cose);
-    let compressed = z.finish().unwrap_or_default();
+    let compressed = zlib(cose);
     let mut out = String::with_capacity(PREFIX.len() + compressed.len() * 3 / 2 + 2);
     out.push_str(PREFIX);
     out.push_str(&base45::encode(compressed));
@@ -78,5 +107,31 @@ mod tests {
         assert_eq!(decode(&hc1).unwrap(), data);
         assert_eq!(decode("HC2:ABC"), Err(CoseError::Prefix));
         assert!(matches!(decode("HC1:BB8"), Err(CoseError::Zlib(_))));
+    }
+
+    #[test]
+    fn reused_deflate_state_gives_the_bytes_of_a_fresh_encoder() {
+        let fresh = |d: &[u8]| {
+            let mut z = ZlibEncoder::new(Vec::new(), Compression::best());
+            z.write_all(d).unwrap();
+            z.finish().unwrap()
+        };
+        // Compressible, empty, and incompressible data larger than the first output buffer.
+        let mut noise = vec![0u8; 100_000];
+        let mut x: u32 = 1;
+        for b in noise.iter_mut() {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            *b = (x >> 16) as u8;
+        }
+        let inputs: [&[u8]; 4] = [b"abcabcabcabcabc hello hello", b"", &noise, b"x"];
+        for _round in 0..2 {
+            for d in inputs {
+                let z = zlib(d);
+                assert_eq!(z, fresh(d), "input of {} bytes", d.len());
+                let mut back = Vec::new();
+                ZlibDecoder::new(&z[..]).read_to_end(&mut back).unwrap();
+                assert_eq!(back, d);
+            }
+        }
     }
 }
