@@ -636,6 +636,23 @@ fn the_client_deadline_is_honoured() {
             ),
             "{e}"
         );
+        // The same request retried in time succeeds: the pipeline of the abandoned attempt (if
+        // it reached the server) ran to its end instead of leaving the request "in progress".
+        let retry = loop {
+            let mut req = tonic::Request::new(issue_request(
+                "vaccination",
+                &d.dev.example("vaccination"),
+                "deadline-1",
+            ));
+            req.set_timeout(std::time::Duration::from_secs(10));
+            match c.issue(req).await {
+                Err(e) if e.code() == tonic::Code::Aborted => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => break other,
+            }
+        };
+        assert_eq!(retry.unwrap().into_inner().request_id, "deadline-1");
         // A normal deadline works.
         let mut req = tonic::Request::new(issue_request(
             "vaccination",

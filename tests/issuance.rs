@@ -10,8 +10,8 @@ use dccsign::hsm::Token;
 use dccsign::issuance::{IssueError, Issuer, IssuerSettings, Payload};
 use dccsign::keys::DscSet;
 use dccsign::ledger::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, RequestKey, Reservation, ReservationId,
-    SqliteLedger, StoredRequest,
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, SqliteLedger, StoredRequest,
+    WriteReply,
 };
 use dccsign::revocation::hash::RevocationHash;
 use sha2::{Digest, Sha256};
@@ -45,32 +45,21 @@ struct FlakyLedger {
 }
 
 impl Ledger for FlakyLedger {
-    fn reserve(
-        &self,
-        r: &Reservation,
-        q: Option<&RequestKey>,
-    ) -> Result<ReservationId, LedgerError> {
-        if self.fail_reserve.load(Ordering::SeqCst) {
-            return Err(LedgerError::Database("injected: disk I/O error".into()));
+    fn submit(&self, w: LedgerWrite, reply: WriteReply) {
+        let inject = match w {
+            LedgerWrite::Reserve(..) => self.fail_reserve.load(Ordering::SeqCst),
+            LedgerWrite::Complete(..) => self.fail_complete.load(Ordering::SeqCst),
+            LedgerWrite::Release(..) => false,
+        };
+        if inject {
+            return reply(Err(LedgerError::Database(
+                "injected: disk I/O error".into(),
+            )));
         }
-        self.inner.reserve(r, q)
-    }
-    fn complete(
-        &self,
-        id: ReservationId,
-        h: &RevocationHash,
-        sig: &[u8; 64],
-    ) -> Result<(), LedgerError> {
-        if self.fail_complete.load(Ordering::SeqCst) {
-            return Err(LedgerError::Database("injected: disk I/O error".into()));
-        }
-        self.inner.complete(id, h, sig)
+        self.inner.submit(w, reply)
     }
     fn find_request(&self, client: &str, id: &str) -> Result<Option<StoredRequest>, LedgerError> {
         self.inner.find_request(client, id)
-    }
-    fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
-        self.inner.release(id)
     }
     fn find_by_uci_hash(
         &self,

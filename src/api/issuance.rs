@@ -1,7 +1,9 @@
 //! `dccsign.v1.Issuance`: Issue, IssueStream and GetSigningInfo.
 //!
-//! Signing runs on the blocking thread pool (`spawn_blocking`): the pipeline waits for SQLite
-//! commits and for the HSM workers, and neither may stall the async runtime.
+//! Signing runs as async tasks: the pipeline awaits the ledger writer's group commits and the
+//! HSM workers through oneshot replies, so no thread is parked per request and PKCS#11 and
+//! SQLite writes never run on the runtime's threads. QR rendering, the one CPU-heavy optional
+//! step, runs on the blocking pool.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -159,7 +161,7 @@ impl IssuanceService {
         }
     }
 
-    /// Signs one prepared request on the blocking pool; logs and counts the outcome.
+    /// Signs one prepared request; logs and counts the outcome.
     async fn sign(
         &self,
         caller: &Caller,
@@ -174,7 +176,10 @@ impl IssuanceService {
             .unwrap_or_else(|| issuer.settings().uvci_prefix.clone());
         let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
         let client = caller.identity.clone();
-        let result = tokio::task::spawn_blocking(move || {
+        // A task of its own, not part of this handler's future: a client that goes away (or
+        // whose deadline passes) must not cut the pipeline between reservation and completion,
+        // or its retry would find the request "in progress" forever.
+        let task = tokio::spawn(async move {
             let now = time::OffsetDateTime::now_utc();
             let ctx = RequestContext {
                 client: &client,
@@ -182,12 +187,15 @@ impl IssuanceService {
                 uvci_prefix: &prefix,
             };
             match &p.body {
-                Body::Json(j) => issuer.issue_for(t, Payload::Json(j.as_bytes()), now, ctx),
-                Body::Cbor(c) => issuer.issue_for(t, Payload::Cbor(c), now, ctx),
+                Body::Json(j) => {
+                    issuer
+                        .issue_for_async(t, Payload::Json(j.as_bytes()), now, ctx)
+                        .await
+                }
+                Body::Cbor(c) => issuer.issue_for_async(t, Payload::Cbor(c), now, ctx).await,
             }
-        })
-        .await
-        .map_err(|e| {
+        });
+        let result = task.await.map_err(|e| {
             let d = pb::ErrorDetail {
                 code: "2-60-5000".into(),
                 request_id: rid.clone(),
@@ -211,7 +219,15 @@ impl IssuanceService {
                 .increment(1);
                 tracing::info!(request_id = %rid, client = %caller.identity, cert_type = %t,
                     kid = %hex::encode(issued.kid), outcome = "signed", latency_ms = elapsed * 1e3, "issue");
-                response(rid.clone(), issued, qr).map_err(|s| {
+                let built = if qr == pb::QrFormat::None {
+                    response(rid.clone(), issued, qr)
+                } else {
+                    let r = rid.clone();
+                    tokio::task::spawn_blocking(move || response(r, issued, qr))
+                        .await
+                        .unwrap_or_else(|e| Err(Status::internal(format!("QR rendering: {e}"))))
+                };
+                built.map_err(|s| {
                     let d = pb::ErrorDetail {
                         code: "2-60-5000".into(),
                         request_id: rid,

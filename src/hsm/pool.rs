@@ -1,34 +1,57 @@
 //! The signing pool: one PKCS#11 session per worker thread, fed by a bounded queue.
 //!
 //! A `Session` may run one operation at a time and is not `Sync`, so each worker owns one. Jobs
-//! carry a reply callback, which lets synchronous callers block on a channel and asynchronous
-//! callers complete a oneshot without the PKCS#11 call ever running on their runtime.
+//! carry a reply callback, so a caller never runs a PKCS#11 call itself: the daemon's async
+//! pipeline awaits a oneshot ([`SigningPool::sign_async`], [`SigningPool::hmac_async`]),
+//! synchronous callers block on it ([`SigningPool::sign`], [`SigningPool::hmac`]). Room in the
+//! queue is a semaphore permit that travels with the job, so waiting for room is itself async.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Sender, TrySendError};
+use crossbeam_channel::{bounded, Sender};
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::token::to_raw64;
-use super::{HsmError, KeyHandle};
+use super::{HsmError, KeyHandle, SecretKeyHandle};
 
 /// Receives the result of one signature: raw `r||s` or the error.
 pub type SignReply = Box<dyn FnOnce(Result<[u8; 64], HsmError>) + Send + 'static>;
 
+/// Receives the result of one HMAC-SHA256.
+pub type MacReply = Box<dyn FnOnce(Result<[u8; 32], HsmError>) + Send + 'static>;
+
+enum Work {
+    /// `CKM_ECDSA` over a SHA-256 digest.
+    Sign {
+        key: ObjectHandle,
+        digest: [u8; 32],
+        reply: SignReply,
+    },
+    /// `CKM_SHA256_HMAC` over data.
+    Hmac {
+        key: ObjectHandle,
+        data: Vec<u8>,
+        reply: MacReply,
+    },
+}
+
 struct Job {
-    key: ObjectHandle,
-    digest: [u8; 32],
-    reply: SignReply,
+    work: Work,
+    /// The job's place in the queue, given back when the job is done.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// A fixed set of worker threads, each with its own session on the token.
 pub struct SigningPool {
     tx: Option<Sender<Job>>,
+    slots: Arc<Semaphore>,
     workers: Vec<JoinHandle<()>>,
 }
 
@@ -47,6 +70,7 @@ impl SigningPool {
         size: usize,
         queue: usize,
     ) -> Result<Self, HsmError> {
+        let queue = queue.max(1);
         let (tx, rx) = bounded::<Job>(queue);
         let mut workers = Vec::with_capacity(size);
         for i in 0..size {
@@ -62,6 +86,7 @@ impl SigningPool {
         }
         Ok(SigningPool {
             tx: Some(tx),
+            slots: Arc::new(Semaphore::new(queue)),
             workers,
         })
     }
@@ -69,6 +94,22 @@ impl SigningPool {
     /// Number of worker threads (= sessions).
     pub fn size(&self) -> usize {
         self.workers.len()
+    }
+
+    fn enqueue(&self, work: Work, slot: OwnedSemaphorePermit) -> Result<(), HsmError> {
+        let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
+        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
+        // Never full: every queued job holds one of the `queue` permits.
+        tx.try_send(Job { work, _slot: slot })
+            .map_err(|_| HsmError::PoolClosed)
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, HsmError> {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HsmError::PoolClosed)
     }
 
     /// Queues a signature over a SHA-256 digest; `reply` runs on the worker thread with the
@@ -79,41 +120,63 @@ impl SigningPool {
         digest: [u8; 32],
         reply: SignReply,
     ) -> Result<(), HsmError> {
-        let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
-        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
-        match tx.try_send(Job {
-            key: key.private,
-            digest,
-            reply,
-        }) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(HsmError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(HsmError::PoolClosed),
-        }
+        let slot = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| HsmError::Overloaded)?;
+        let key = key.private;
+        self.enqueue(Work::Sign { key, digest, reply }, slot)
     }
 
-    /// Signs a SHA-256 digest and waits for the result (blocks the calling thread; waits for
-    /// room in the queue rather than failing).
-    pub fn sign(&self, key: &KeyHandle, digest: [u8; 32]) -> Result<[u8; 64], HsmError> {
-        let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
-        let (rtx, rrx) = bounded(1);
+    /// Signs a SHA-256 digest on a worker; waits (asynchronously) for room in the queue.
+    pub async fn sign_async(
+        &self,
+        key: &KeyHandle,
+        digest: [u8; 32],
+    ) -> Result<[u8; 64], HsmError> {
+        let slot = self.slot().await?;
+        let (tx, rx) = oneshot::channel();
         let reply: SignReply = Box::new(move |r| {
-            let _ = rtx.send(r);
+            let _ = tx.send(r);
         });
-        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
-        tx.send(Job {
-            key: key.private,
-            digest,
-            reply,
-        })
-        .map_err(|_| HsmError::PoolClosed)?;
-        rrx.recv().map_err(|_| HsmError::PoolClosed)?
+        let key = key.private;
+        self.enqueue(Work::Sign { key, digest, reply }, slot)?;
+        rx.await.map_err(|_| HsmError::PoolClosed)?
+    }
+
+    /// HMAC-SHA256 of `data` under a secret key of the token, on a worker.
+    pub async fn hmac_async(
+        &self,
+        key: &SecretKeyHandle,
+        data: Vec<u8>,
+    ) -> Result<[u8; 32], HsmError> {
+        let slot = self.slot().await?;
+        let (tx, rx) = oneshot::channel();
+        let reply: MacReply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let key = key.handle;
+        self.enqueue(Work::Hmac { key, data, reply }, slot)?;
+        rx.await.map_err(|_| HsmError::PoolClosed)?
+    }
+
+    /// Signs a SHA-256 digest and waits for the result (blocks the calling thread, which must
+    /// not be an async runtime's; waits for room in the queue rather than failing).
+    pub fn sign(&self, key: &KeyHandle, digest: [u8; 32]) -> Result<[u8; 64], HsmError> {
+        futures_executor::block_on(self.sign_async(key, digest))
+    }
+
+    /// HMAC-SHA256 and waits for the result (blocking, like [`SigningPool::sign`]).
+    pub fn hmac(&self, key: &SecretKeyHandle, data: Vec<u8>) -> Result<[u8; 32], HsmError> {
+        futures_executor::block_on(self.hmac_async(key, data))
     }
 }
 
 impl Drop for SigningPool {
     fn drop(&mut self) {
         self.tx.take();
+        self.slots.close();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -142,23 +205,31 @@ fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Rece
         if session.is_none() {
             session = ctx.open_ro_session(slot).ok();
         }
+        let (mechanism, key, data): (Mechanism, ObjectHandle, &[u8]) = match &job.work {
+            Work::Sign { key, digest, .. } => (Mechanism::Ecdsa, *key, digest),
+            Work::Hmac { key, data, .. } => (Mechanism::Sha256Hmac, *key, data),
+        };
         let result = match &session {
             None => Err(HsmError::Call {
                 function: "C_OpenSession".into(),
                 rv: "session could not be reopened".into(),
             }),
-            Some(s) => match s.sign(&Mechanism::Ecdsa, job.key, &job.digest) {
-                Ok(sig) => to_raw64(sig),
-                Err(e) => {
-                    if session_lost(&e) {
-                        // Drop the session; the next job opens a fresh one.
-                        session = None;
-                    }
-                    Err(e.into())
+            Some(s) => s.sign(&mechanism, key, data).map_err(|e| {
+                if session_lost(&e) {
+                    // Drop the session; the next job opens a fresh one.
+                    session = None;
                 }
-            },
+                HsmError::from(e)
+            }),
         };
         busy.decrement(1.0);
-        (job.reply)(result);
+        match job.work {
+            Work::Sign { reply, .. } => reply(result.and_then(to_raw64)),
+            Work::Hmac { reply, .. } => reply(result.and_then(|mac| {
+                mac.try_into().map_err(|v: Vec<u8>| {
+                    HsmError::Malformed(format!("HMAC of {} bytes, expected 32", v.len()))
+                })
+            })),
+        }
     }
 }

@@ -39,7 +39,7 @@ pub struct TokenSettings {
 pub struct SecretKeyHandle {
     /// `CKA_LABEL`.
     pub label: String,
-    handle: ObjectHandle,
+    pub(super) handle: ObjectHandle,
 }
 
 /// A private key on the token, with its public half read from the token.

@@ -23,7 +23,9 @@ use crate::cose::{self, CwtClaims, ProtectedHeader};
 use crate::dcc::{self, CertType, Policy};
 use crate::hsm::{SecretKeyHandle, SigningPool, Token};
 use crate::keys::{ActiveDsc, DscSet};
-use crate::ledger::{Ledger, LedgerError, RequestKey, Reservation, StoredRequest};
+use crate::ledger::{
+    self, Ledger, LedgerError, LedgerWrite, RequestKey, Reservation, StoredRequest,
+};
 use crate::revocation::hash;
 
 /// A payload as received: DCC JSON or DCC CBOR.
@@ -254,8 +256,8 @@ impl Issuer {
                 .map_err(|_| format!("HSM: signature of {} does not verify", s.dsc.dsc.label))?;
         }
         if let Some(k) = self.uvci_key() {
-            k.token
-                .hmac_sha256(&k.key, b"canary")
+            self.pool()
+                .hmac(&k.key, b"canary".to_vec())
                 .map_err(|e| format!("HSM: {e}"))?;
         }
         self.ledger
@@ -271,8 +273,19 @@ impl Issuer {
     }
 
     /// Validates, records and signs one certificate of type `t` at time `now`, without a
-    /// caller's request id: a generated UVCI is random.
+    /// caller's request id: a generated UVCI is random. Blocks the calling thread (not for use
+    /// on an async runtime: see [`Issuer::issue_async`]).
     pub fn issue(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        now: OffsetDateTime,
+    ) -> Result<Issued, IssueError> {
+        futures_executor::block_on(self.issue_async(t, payload, now))
+    }
+
+    /// [`Issuer::issue`] for async callers: waits for the ledger and the HSM without blocking.
+    pub async fn issue_async(
         &self,
         t: CertType,
         payload: Payload<'_>,
@@ -293,7 +306,7 @@ impl Issuer {
                     &mut rand::rngs::OsRng,
                 ));
             }
-            match self.sign(&signer, &dcc, t, iat, exp, None) {
+            match self.sign(&signer, &dcc, t, iat, exp, None).await {
                 Err(IssueError::DuplicateUvci) if !given => continue,
                 other => return other,
             }
@@ -304,7 +317,20 @@ impl Issuer {
     /// Issues for a caller with a request id, idempotently: the same request id with the same
     /// payload returns the same bytes (rebuilt from the re-sent payload, the recorded times and
     /// the recorded signature — no second signature); with another payload it is refused.
+    /// Blocks the calling thread (see [`Issuer::issue_for_async`]).
     pub fn issue_for(
+        &self,
+        t: CertType,
+        payload: Payload<'_>,
+        now: OffsetDateTime,
+        ctx: RequestContext<'_>,
+    ) -> Result<Issued, IssueError> {
+        futures_executor::block_on(self.issue_for_async(t, payload, now, ctx))
+    }
+
+    /// [`Issuer::issue_for`] for async callers (the daemon): the ledger's group commits and the
+    /// HSM workers are awaited, so no thread waits per request.
+    pub async fn issue_for_async(
         &self,
         t: CertType,
         payload: Payload<'_>,
@@ -320,20 +346,20 @@ impl Issuer {
             if stored.request_hash != request_hash {
                 return Err(IssueError::RequestIdReused);
             }
-            return self.replay(t, payload, ctx, stored);
+            return self.replay(t, payload, ctx, stored).await;
         }
         let mut dcc = self.validated(t, payload, now)?;
         let signer = self.signer(t)?;
         let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
         if dcc.uvci().is_none() {
-            dcc.set_uvci(self.derived_uvci(ctx)?);
+            dcc.set_uvci(self.derived_uvci(ctx).await?);
         }
         let key = RequestKey {
             client: ctx.client.to_string(),
             request_id: ctx.request_id.to_string(),
             request_hash,
         };
-        self.sign(&signer, &dcc, t, iat, exp, Some(&key))
+        self.sign(&signer, &dcc, t, iat, exp, Some(key)).await
     }
 
     fn validated(
@@ -362,17 +388,19 @@ impl Issuer {
         Ok(signer)
     }
 
-    /// The UVCI for a caller's request: HMAC-SHA256 in the token over client and request id.
-    fn derived_uvci(&self, ctx: RequestContext<'_>) -> Result<String, IssueError> {
+    /// The UVCI for a caller's request: HMAC-SHA256 in the token (on a pool worker's session)
+    /// over client and request id.
+    async fn derived_uvci(&self, ctx: RequestContext<'_>) -> Result<String, IssueError> {
         match self.uvci_key() {
             Some(k) => {
                 let mut data = Vec::with_capacity(ctx.client.len() + ctx.request_id.len() + 1);
                 data.extend_from_slice(ctx.client.as_bytes());
                 data.push(0);
                 data.extend_from_slice(ctx.request_id.as_bytes());
-                let mac = k
-                    .token
-                    .hmac_sha256(&k.key, &data)
+                let mac = self
+                    .pool()
+                    .hmac_async(&k.key, data)
+                    .await
                     .map_err(IssueError::Hsm)?;
                 Ok(dcc::uvci::from_digest(
                     &self.settings.country,
@@ -389,7 +417,7 @@ impl Issuer {
     }
 
     /// Rebuilds the response of a recorded request from the re-sent payload.
-    fn replay(
+    async fn replay(
         &self,
         t: CertType,
         payload: Payload<'_>,
@@ -408,7 +436,7 @@ impl Issuer {
                     "no uvci_key is configured to rebuild the generated UVCI".into(),
                 ));
             }
-            dcc.set_uvci(self.derived_uvci(ctx)?);
+            dcc.set_uvci(self.derived_uvci(ctx).await?);
         }
         let uvci = dcc.uvci().unwrap_or_default().to_string();
         if hash::uci_hash(&uvci) != rec.uci_hash {
@@ -436,14 +464,14 @@ impl Issuer {
         })
     }
 
-    fn sign(
+    async fn sign(
         &self,
         signer: &Signer,
         dcc: &dcc::Dcc,
         t: CertType,
         iat: i64,
         exp: i64,
-        request: Option<&RequestKey>,
+        request: Option<RequestKey>,
     ) -> Result<Issued, IssueError> {
         let uvci = dcc.uvci().unwrap_or_default().to_string();
         let claims = CwtClaims {
@@ -457,19 +485,17 @@ impl Issuer {
         let digest: [u8; 32] = Sha256::digest(&tbs).into();
 
         let started = std::time::Instant::now();
-        let reservation = self
-            .ledger
-            .reserve(
-                &Reservation {
-                    uci_hash: hash::uci_hash(&uvci),
-                    country_uci_hash: hash::country_uci_hash(&self.settings.country, &uvci),
-                    cert_type: t,
-                    kid: signer.dsc.dsc.kid,
-                    iat,
-                    exp,
-                },
-                request,
-            )
+        let reservation = Reservation {
+            uci_hash: hash::uci_hash(&uvci),
+            country_uci_hash: hash::country_uci_hash(&self.settings.country, &uvci),
+            cert_type: t,
+            kid: signer.dsc.dsc.kid,
+            iat,
+            exp,
+        };
+        let reservation = ledger::write(&*self.ledger, LedgerWrite::Reserve(reservation, request))
+            .await
+            .and_then(|id| id.ok_or_else(|| LedgerError::Database("reservation without id".into())))
             .map_err(|e| match e {
                 LedgerError::DuplicateUvci { .. } => IssueError::DuplicateUvci,
                 LedgerError::DuplicateRequest => IssueError::RequestInProgress,
@@ -479,10 +505,12 @@ impl Issuer {
             .record(started.elapsed().as_secs_f64());
 
         let started = std::time::Instant::now();
-        let signature = match self.pool().sign(&signer.dsc.key, digest) {
+        let signature = match self.pool().sign_async(&signer.dsc.key, digest).await {
             Ok(s) => s,
             Err(e) => {
-                if let Err(release) = self.ledger.release(reservation) {
+                if let Err(release) =
+                    ledger::write(&*self.ledger, LedgerWrite::Release(reservation)).await
+                {
                     tracing::error!(error = %release, "could not release reservation after HSM failure");
                 }
                 return Err(IssueError::Hsm(e));
@@ -491,12 +519,13 @@ impl Issuer {
         metrics::histogram!("dccsign_hsm_sign_seconds").record(started.elapsed().as_secs_f64());
 
         let started = std::time::Instant::now();
-        self.ledger
-            .complete(
-                reservation,
-                &hash::signature_hash_es256(&signature),
-                &signature,
-            )
+        let completion = LedgerWrite::Complete(
+            reservation,
+            hash::signature_hash_es256(&signature),
+            signature,
+        );
+        ledger::write(&*self.ledger, completion)
+            .await
             .map_err(IssueError::Ledger)?;
         metrics::histogram!("dccsign_ledger_commit_seconds")
             .record(started.elapsed().as_secs_f64());

@@ -113,33 +113,58 @@ pub struct LedgerCounts {
     pub signed: u64,
 }
 
-/// Storage for certificate records. Implementations must make `reserve` and `complete` durable
-/// before returning.
+/// A write to the ledger. Reserve returns the new reservation's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerWrite {
+    /// Records the intent to sign (and the caller's request, if any) in one transaction.
+    Reserve(Reservation, Option<RequestKey>),
+    /// Completes a reservation with the signature hash and the signature.
+    Complete(ReservationId, RevocationHash, [u8; 64]),
+    /// Deletes a reservation whose signing failed.
+    Release(ReservationId),
+}
+
+/// Receives the result of a write once it is durable (or has failed): the reservation id for
+/// [`LedgerWrite::Reserve`], `None` for the others.
+pub type WriteReply = Box<dyn FnOnce(Result<Option<ReservationId>, LedgerError>) + Send + 'static>;
+
+/// Storage for certificate records. A write's reply must run only once the write is durable.
 pub trait Ledger: Send + Sync {
+    /// Queues a write; `reply` runs (on any thread) when it is durable or has failed. Must not
+    /// block on I/O: callers include the daemon's async runtime.
+    fn submit(&self, write: LedgerWrite, reply: WriteReply);
+
     /// Records the intent to sign (and the caller's request, if any) in one transaction; fails
     /// with [`LedgerError::DuplicateUvci`] when the UVCI hash exists and
-    /// [`LedgerError::DuplicateRequest`] when the request id does.
+    /// [`LedgerError::DuplicateRequest`] when the request id does. Blocks until durable.
     fn reserve(
         &self,
         r: &Reservation,
         request: Option<&RequestKey>,
-    ) -> Result<ReservationId, LedgerError>;
+    ) -> Result<ReservationId, LedgerError> {
+        write_blocking(self, LedgerWrite::Reserve(r.clone(), request.cloned()))?
+            .ok_or_else(|| LedgerError::Database("reservation without id".into()))
+    }
     /// Completes a reservation with the signature hash (and stores the signature on its request
-    /// row, if any).
+    /// row, if any). Blocks until durable.
     fn complete(
         &self,
         id: ReservationId,
         signature_hash: &RevocationHash,
         signature: &[u8; 64],
-    ) -> Result<(), LedgerError>;
+    ) -> Result<(), LedgerError> {
+        write_blocking(self, LedgerWrite::Complete(id, *signature_hash, *signature)).map(|_| ())
+    }
+    /// Deletes a reservation whose signing failed (no signature exists). Blocks until durable.
+    fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
+        write_blocking(self, LedgerWrite::Release(id)).map(|_| ())
+    }
     /// A recorded request of `client`.
     fn find_request(
         &self,
         client: &str,
         request_id: &str,
     ) -> Result<Option<StoredRequest>, LedgerError>;
-    /// Deletes a reservation whose signing failed (no signature exists).
-    fn release(&self, id: ReservationId) -> Result<(), LedgerError>;
     /// The row for a UVCI hash.
     fn find_by_uci_hash(
         &self,
@@ -149,4 +174,35 @@ pub trait Ledger: Send + Sync {
     fn counts(&self) -> Result<LedgerCounts, LedgerError>;
     /// Whether the database accepts writes right now (health checks).
     fn check_writable(&self) -> Result<(), LedgerError>;
+}
+
+fn write_blocking<L: Ledger + ?Sized>(
+    ledger: &L,
+    w: LedgerWrite,
+) -> Result<Option<ReservationId>, LedgerError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    ledger.submit(
+        w,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.recv()
+        .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?
+}
+
+/// Submits a write and waits (asynchronously) until it is durable or has failed.
+pub async fn write(
+    ledger: &dyn Ledger,
+    w: LedgerWrite,
+) -> Result<Option<ReservationId>, LedgerError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    ledger.submit(
+        w,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx.await
+        .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?
 }

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, RequestKey, Reservation, ReservationId,
-    StoredRequest,
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RequestKey, Reservation,
+    ReservationId, StoredRequest, WriteReply,
 };
 use crate::dcc::CertType;
 use crate::revocation::hash::RevocationHash;
@@ -58,14 +58,8 @@ pub struct SqliteLedger {
 
 /// A write and where its result goes.
 struct WriteOp {
-    kind: WriteKind,
-    reply: crossbeam_channel::Sender<Result<Option<ReservationId>, LedgerError>>,
-}
-
-enum WriteKind {
-    Reserve(Reservation, Option<RequestKey>),
-    Complete(ReservationId, RevocationHash, [u8; 64]),
-    Release(ReservationId),
+    kind: LedgerWrite,
+    reply: WriteReply,
 }
 
 /// Most writes committed in one transaction.
@@ -96,7 +90,7 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             for op in group {
-                let _ = op.reply.send(Err(LedgerError::Database(msg.clone())));
+                (op.reply)(Err(LedgerError::Database(msg.clone())));
             }
             continue;
         }
@@ -119,15 +113,13 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
                 metrics::histogram!("dccsign_ledger_group_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 for (op, r) in group.into_iter().zip(results) {
-                    let _ = op.reply.send(r);
+                    (op.reply)(r);
                 }
             }
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 for op in group {
-                    let _ = op
-                        .reply
-                        .send(Err(LedgerError::Database(format!("commit failed: {e}"))));
+                    (op.reply)(Err(LedgerError::Database(format!("commit failed: {e}"))));
                 }
             }
         }
@@ -146,11 +138,11 @@ fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<usize, ru
     c.prepare_cached(sql)?.execute(p)
 }
 
-fn apply(c: &Connection, kind: &WriteKind) -> Result<Option<ReservationId>, LedgerError> {
+fn apply(c: &Connection, kind: &LedgerWrite) -> Result<Option<ReservationId>, LedgerError> {
     match kind {
-        WriteKind::Reserve(r, q) => write_reserve(c, r, q.as_ref()).map(Some),
-        WriteKind::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
-        WriteKind::Release(id) => write_release(c, *id).map(|_| None),
+        LedgerWrite::Reserve(r, q) => write_reserve(c, r, q.as_ref()).map(Some),
+        LedgerWrite::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
+        LedgerWrite::Release(id) => write_release(c, *id).map(|_| None),
     }
 }
 
@@ -168,6 +160,16 @@ fn write_reserve(
     match res {
         Ok(_) => {}
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
+            // The same request racing with itself (a retry while the first attempt is in
+            // flight) is "in progress", not a reused UVCI: the retry will then replay.
+            if let Some(q) = request {
+                let known = c
+                    .prepare_cached("SELECT 1 FROM requests WHERE client = ?1 AND request_id = ?2")?
+                    .exists(params![q.client, q.request_id])?;
+                if known {
+                    return Err(LedgerError::DuplicateRequest);
+                }
+            }
             let state: Option<String> = c
                 .prepare_cached("SELECT state FROM certificates WHERE uci_hash = ?1")?
                 .query_row(params![&r.uci_hash[..]], |row| row.get(0))
@@ -282,18 +284,6 @@ impl SqliteLedger {
         Ok(ledger)
     }
 
-    fn write(&self, kind: WriteKind) -> Result<Option<ReservationId>, LedgerError> {
-        let (reply, result) = crossbeam_channel::bounded(1);
-        self.writer
-            .as_ref()
-            .ok_or_else(|| LedgerError::Database("ledger closed".into()))?
-            .send(WriteOp { kind, reply })
-            .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?;
-        result
-            .recv()
-            .map_err(|_| LedgerError::Database("ledger writer stopped".into()))?
-    }
-
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -345,23 +335,13 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
 }
 
 impl Ledger for SqliteLedger {
-    fn reserve(
-        &self,
-        r: &Reservation,
-        request: Option<&RequestKey>,
-    ) -> Result<ReservationId, LedgerError> {
-        self.write(WriteKind::Reserve(r.clone(), request.cloned()))?
-            .ok_or_else(|| LedgerError::Database("reservation without id".into()))
-    }
-
-    fn complete(
-        &self,
-        id: ReservationId,
-        signature_hash: &RevocationHash,
-        signature: &[u8; 64],
-    ) -> Result<(), LedgerError> {
-        self.write(WriteKind::Complete(id, *signature_hash, *signature))
-            .map(|_| ())
+    fn submit(&self, kind: LedgerWrite, reply: WriteReply) {
+        let Some(tx) = self.writer.as_ref() else {
+            return reply(Err(LedgerError::Database("ledger closed".into())));
+        };
+        if let Err(e) = tx.send(WriteOp { kind, reply }) {
+            (e.into_inner().reply)(Err(LedgerError::Database("ledger writer stopped".into())));
+        }
     }
 
     fn find_request(
@@ -394,10 +374,6 @@ impl Ledger for SqliteLedger {
             })
             .optional()?;
         Ok(found)
-    }
-
-    fn release(&self, id: ReservationId) -> Result<(), LedgerError> {
-        self.write(WriteKind::Release(id)).map(|_| ())
     }
 
     fn find_by_uci_hash(
@@ -512,6 +488,12 @@ mod tests {
         let q = l.find_request("c", "r-1").unwrap().unwrap();
         assert_eq!(q.signature, Some([4; 64]));
         assert_eq!(q.record.signature_hash, Some([3; 16]));
+        // The same request again with the same UVCI (a retry racing the first attempt) is a
+        // duplicate request, not a reused UVCI.
+        assert!(matches!(
+            l.reserve(&res(10), Some(&key)),
+            Err(LedgerError::DuplicateRequest)
+        ));
         // Other clients have their own request ids.
         assert!(l.find_request("d", "r-1").unwrap().is_none());
         // Releasing a reservation removes its request row too.
