@@ -45,6 +45,12 @@ CREATE TABLE requests (
 );
 CREATE INDEX requests_certificate ON requests (certificate_id);
 "#,
+    // Nothing looks certificates up by signature hash (revocation starts from the UVCI), and
+    // the index cost one random B-tree page per signature on the writer's critical path
+    // (stream 2x64: 5 200 -> 5 650 certificates/s).
+    r#"
+DROP INDEX certificates_signature_hash;
+"#,
 ];
 
 /// A ledger in one SQLite file.
