@@ -783,6 +783,30 @@ fn the_load_generator_reports_verified_throughput() {
             r["latency_ms"]["p99"].as_f64().unwrap() >= r["latency_ms"]["p50"].as_f64().unwrap()
         );
     }
+    // The CI floor on the daemon/raw ratio can fail: an impossible floor does, naming both rates.
+    let out = d.dev.run(&[
+        "load",
+        "--state-dir",
+        d.dev.path().to_str().unwrap(),
+        "--addr",
+        &d.addr,
+        "--duration",
+        "1",
+        "--concurrency",
+        "4",
+        "--min-ratio",
+        "1000",
+        "--json",
+    ]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(err.contains("is below the floor 1000"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["raw_hsm"]["signatures_per_second"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(r["raw_hsm"]["ratio"].as_f64().unwrap() < 1000.0, "{r}");
     // Every certificate the generator counted is in the ledger.
     let (_, signed) = d.dev.ledger_counts();
     assert!(signed > 0);

@@ -47,6 +47,10 @@ pub struct LoadArgs {
     /// Also measure the raw SoftHSM CKM_ECDSA rate with as many threads as the daemon's pool.
     #[arg(long)]
     raw_hsm: bool,
+    /// Fail (exit 1) when the daemon/raw ratio is below this floor (implies --raw-hsm). CI uses
+    /// a deliberately low floor that only a real regression crosses.
+    #[arg(long)]
+    min_ratio: Option<f64>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -263,7 +267,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         Ok::<_, String>(start.elapsed())
     })?;
 
-    let raw = if args.raw_hsm {
+    let raw = if args.raw_hsm || args.min_ratio.is_some() {
         Some(raw_hsm_rate(&cfg, 5)?)
     } else {
         None
@@ -334,7 +338,17 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             println!("daemon RSS: {:.1} MiB", k as f64 / 1024.0);
         }
     }
-    let failed = !errors.is_empty() || stats.verify_failures.load(Ordering::Relaxed) > 0 || ok == 0;
+    let mut failed =
+        !errors.is_empty() || stats.verify_failures.load(Ordering::Relaxed) > 0 || ok == 0;
+    if let (Some(floor), Some((_, r))) = (args.min_ratio, raw) {
+        if rate / r < floor {
+            eprintln!(
+                "error: daemon/raw ratio {:.3} is below the floor {floor} ({rate:.0}/s against {r:.0}/s raw)",
+                rate / r
+            );
+            failed = true;
+        }
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
