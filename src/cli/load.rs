@@ -122,6 +122,11 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// Quantiles reported as the latency distribution in `--json` (`latency_ms.cdf`).
+const LATENCY_CDF: [f64; 16] = [
+    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0,
+];
+
 /// Runs `load`.
 pub fn run(args: LoadArgs) -> ExitCode {
     match run_inner(args) {
@@ -292,7 +297,8 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         "target_rate": args.rate, "seconds": elapsed.as_secs_f64(),
         "ok": ok, "certificates_per_second": rate,
         "latency_ms": {"p50": percentile(&lat, 0.50), "p90": percentile(&lat, 0.90),
-                        "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999)},
+                        "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999),
+                        "cdf": LATENCY_CDF.iter().map(|q| json!([q, percentile(&lat, *q)])).collect::<Vec<_>>()},
         "errors": errors,
         "verified": stats.verified.load(Ordering::Relaxed),
         "verify_failures": stats.verify_failures.load(Ordering::Relaxed),

@@ -280,6 +280,10 @@ impl SqliteLedger {
         };
         ledger.migrate()?;
         let write_conn = open_conn(path)?;
+        // 64 MiB of page cache for the writer (default 2 MiB): the unique UVCI-hash index is hit
+        // at random places, and with millions of rows its pages no longer fit the default cache
+        // (10 million rows: 4 178 -> 4 757 certificates/s in stream mode).
+        write_conn.pragma_update(None, "cache_size", -65536)?;
         let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
