@@ -58,9 +58,92 @@ pub struct Config {
     /// Callers and what they may do.
     #[serde(default, rename = "client")]
     pub clients: Vec<ClientConfig>,
+    /// Key lifecycle: managed keys, CSCAs, two-person operations, audit.
+    #[serde(default)]
+    pub keys: KeysConfig,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// Production or test: keys and CSCAs of one are never used by the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// The live service.
+    #[default]
+    Production,
+    /// Test and acceptance systems.
+    Test,
+}
+
+impl std::fmt::Display for Environment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Environment::Production => "production",
+            Environment::Test => "test",
+        })
+    }
+}
+
+/// A country signing CA that may certify our DSCs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CscaConfig {
+    /// PEM certificate.
+    pub certificate: PathBuf,
+    /// The environment this CSCA is for.
+    pub environment: Environment,
+}
+
+/// `[keys]`: the key lifecycle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// SQLite file with managed keys, pending operations and the audit log.
+    #[serde(default = "default_control_db")]
+    pub database: PathBuf,
+    /// This deployment's environment (default production).
+    #[serde(default)]
+    pub environment: Environment,
+    /// CSCAs whose DSC certificates may be imported.
+    #[serde(default)]
+    pub csca: Vec<CscaConfig>,
+    /// Hours between publishing a DSC and activating it (default 48).
+    #[serde(default = "default_propagation")]
+    pub propagation_delay_hours: u32,
+    /// Private key usage period from activation, in days (default 183).
+    #[serde(default = "default_usage_period")]
+    pub usage_period_days: u32,
+    /// How long a pending two-person operation stays approvable, in hours (default 24).
+    #[serde(default = "default_operation_ttl")]
+    pub operation_ttl_hours: u32,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            database: default_control_db(),
+            environment: Environment::default(),
+            csca: vec![],
+            propagation_delay_hours: default_propagation(),
+            usage_period_days: default_usage_period(),
+            operation_ttl_hours: default_operation_ttl(),
+        }
+    }
+}
+
+fn default_control_db() -> PathBuf {
+    PathBuf::from("control.sqlite")
+}
+fn default_propagation() -> u32 {
+    48
+}
+fn default_usage_period() -> u32 {
+    183
+}
+fn default_operation_ttl() -> u32 {
+    24
 }
 
 /// Issuer identity.

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod cose;
 pub mod dcc;

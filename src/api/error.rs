@@ -165,3 +165,34 @@ pub fn bad_request(field: &str, code: &str, rule: &str, message: &str, request_i
         &d,
     )
 }
+
+/// The status for a key-lifecycle error: the code names the rule; certificate checks and bad
+/// parameters carry a field violation.
+pub fn from_key_op(e: &crate::keys::KeyOpError) -> Status {
+    use crate::keys::KeyOpError as K;
+    let (code, field, rule) = match e {
+        K::Invalid { field, .. } => (Code::InvalidArgument, *field, "invalid-parameter"),
+        K::NotFound(_) => (Code::NotFound, "", ""),
+        K::State { .. } => (Code::FailedPrecondition, "label", "key-state"),
+        K::SelfApproval(_) => (Code::PermissionDenied, "operation_id", "two-person-rule"),
+        K::Expired(_) | K::Done { .. } => (
+            Code::FailedPrecondition,
+            "operation_id",
+            "operation-not-pending",
+        ),
+        K::Certificate { .. } => (Code::InvalidArgument, "certificate", "certificate-check"),
+        K::LabelExists(_) => (Code::AlreadyExists, "label", "label-exists"),
+        K::Hsm(_) | K::Audit(_) | K::Database(_) => (Code::Unavailable, "", ""),
+    };
+    let message = format!("{e} [{}]", e.code());
+    let d = pb::ErrorDetail {
+        code: e.code().into(),
+        request_id: String::new(),
+        violations: if field.is_empty() {
+            vec![]
+        } else {
+            vec![violation(field, e.code(), rule, &e.to_string())]
+        },
+    };
+    status(code, &message, &d)
+}

@@ -1,14 +1,16 @@
-//! `dccsign.v1.Keys`: the key-lifecycle service for security officers. For now read-only
-//! (`ListKeys`); issuers are refused by the service's role allow-list.
+//! `dccsign.v1.Keys`: the key-lifecycle service for security officers (issuers are refused by
+//! the service's role allow-list). The officer's identity comes from the mTLS certificate only;
+//! the work is done by [`KeyManager`] on the blocking pool (PKCS#11 and SQLite).
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Service};
-use super::pb;
+use super::{error, pb};
 use crate::dcc::CertType;
 use crate::issuance::Issuer;
+use crate::keys::{KeyManager, KeyOpError, ManagedKey, Operation};
 
 /// The service.
 #[derive(Clone)]
@@ -16,6 +18,7 @@ pub struct KeysService {
     issuer: Arc<Issuer>,
     authz: Arc<Authorizer>,
     token_label: String,
+    manager: Option<Arc<KeyManager>>,
 }
 
 impl std::fmt::Debug for KeysService {
@@ -25,13 +28,69 @@ impl std::fmt::Debug for KeysService {
 }
 
 impl KeysService {
-    /// A service over the issuer's DSCs.
-    pub fn new(issuer: Arc<Issuer>, authz: Arc<Authorizer>, token_label: String) -> Self {
+    /// A service over the issuer's DSCs and, when given, the managed keys.
+    pub fn new(
+        issuer: Arc<Issuer>,
+        authz: Arc<Authorizer>,
+        token_label: String,
+        manager: Option<Arc<KeyManager>>,
+    ) -> Self {
         KeysService {
             issuer,
             authz,
             token_label,
+            manager,
         }
+    }
+
+    /// Runs `f` with the key manager on the blocking pool, mapping its error once.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&KeyManager, i64) -> Result<T, KeyOpError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let Some(m) = self.manager.clone() else {
+            return Err(Status::failed_precondition(
+                "key lifecycle is not configured ([keys] in dccsign.toml)",
+            ));
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        tokio::task::spawn_blocking(move || f(&m, now))
+            .await
+            .map_err(|e| Status::internal(format!("key operation task failed: {e}")))?
+            .map_err(|e| error::from_key_op(&e))
+    }
+}
+
+fn op_info(o: Operation) -> pb::Operation {
+    pb::Operation {
+        id: o.id,
+        operation: o.operation,
+        parameters_json: o.parameters.to_string(),
+        requester: o.requester,
+        created_at: o.created_at,
+        expires_at: o.expires_at,
+        state: o.state,
+        approver: o.approver.unwrap_or_default(),
+        result: o.result.unwrap_or_default(),
+    }
+}
+
+fn key_info(token_label: &str, k: ManagedKey) -> pb::KeyInfo {
+    pb::KeyInfo {
+        uri: crate::hsm::KeyUri::new(token_label, &k.label, Some(k.key_id.clone())).to_string(),
+        label: k.label,
+        kid: k.kid.map(|k| k.to_vec()).unwrap_or_default(),
+        types: k
+            .types
+            .iter()
+            .map(|t| pb::CertificateType::from(*t) as i32)
+            .collect(),
+        not_before: k.not_before.unwrap_or_default(),
+        not_after: k.not_after.unwrap_or_default(),
+        state: k.state.to_string(),
+        managed: true,
+        usage_end: k.usage_end.unwrap_or_default(),
+        created_at: k.created_at,
     }
 }
 
@@ -67,9 +126,93 @@ impl pb::keys_server::Keys for KeysService {
                 not_before: d.dsc.not_before.unix_timestamp(),
                 not_after: d.dsc.not_after.unix_timestamp(),
                 state: "active".into(),
+                managed: false,
+                usage_end: 0,
+                created_at: 0,
             });
+        }
+        if self.manager.is_some() {
+            let label = self.token_label.clone();
+            let managed = self.run(|m, _| m.list()).await?;
+            keys.extend(managed.into_iter().map(|k| key_info(&label, k)));
         }
         tracing::info!(client = %caller.identity, keys = keys.len(), "list keys");
         Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn generate_key(
+        &self,
+        req: Request<pb::GenerateKeyRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let r = req.into_inner();
+        let mut types = Vec::new();
+        for t in r.types {
+            match pb::CertificateType::try_from(t)
+                .ok()
+                .and_then(pb::CertificateType::cert_type)
+            {
+                Some(t) if !types.contains(&t) => types.push(t),
+                Some(_) => {}
+                None => {
+                    return Err(error::from_key_op(&KeyOpError::Invalid {
+                        field: "types",
+                        message: "each must be TEST, VACCINATION or RECOVERY".into(),
+                    }))
+                }
+            }
+        }
+        let op = self
+            .run(move |m, now| m.request_generate(&officer, &r.label, &types, now))
+            .await?;
+        Ok(Response::new(op_info(op)))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let id = req.into_inner().operation_id;
+        let op = self
+            .run(move |m, now| m.approve(&officer, &id, now))
+            .await?;
+        Ok(Response::new(op_info(op)))
+    }
+
+    async fn list_pending(
+        &self,
+        req: Request<pb::ListPendingRequest>,
+    ) -> Result<Response<pb::ListPendingResponse>, Status> {
+        self.authz.authorize(&req, Service::Keys, "")?;
+        let ops = self.run(|m, _| m.pending()).await?;
+        Ok(Response::new(pb::ListPendingResponse {
+            operations: ops.into_iter().map(op_info).collect(),
+        }))
+    }
+
+    async fn create_csr(
+        &self,
+        req: Request<pb::CreateCsrRequest>,
+    ) -> Result<Response<pb::CreateCsrResponse>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let r = req.into_inner();
+        let csr_pem = self
+            .run(move |m, now| m.csr(&officer, &r.label, &r.subject, now))
+            .await?;
+        Ok(Response::new(pb::CreateCsrResponse { csr_pem }))
+    }
+
+    async fn import_certificate(
+        &self,
+        req: Request<pb::ImportCertificateRequest>,
+    ) -> Result<Response<pb::KeyInfo>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let r = req.into_inner();
+        let label = self.token_label.clone();
+        let k = self
+            .run(move |m, now| m.import_cert(&officer, &r.label, &r.certificate, now))
+            .await?;
+        Ok(Response::new(key_info(&label, k)))
     }
 }

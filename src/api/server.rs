@@ -150,10 +150,18 @@ pub async fn serve(
         .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
 
     let authz = Arc::new(Authorizer::new(&cfg.clients));
+    let manager = crate::keys::KeyManager::open(
+        &cfg.resolve(&cfg.keys.database),
+        token.clone(),
+        crate::keys::KeySettings::from_config(&cfg)
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+    )
+    .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?;
     let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
         issuer.clone(),
         authz.clone(),
         cfg.hsm.token.clone(),
+        Some(Arc::new(manager)),
     ));
     let service = IssuanceService::new(
         issuer.clone(),

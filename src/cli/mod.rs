@@ -4,6 +4,7 @@
 
 mod example;
 mod issue;
+mod keys;
 mod load;
 mod serve;
 mod verify;
@@ -88,6 +89,28 @@ enum Command {
     Issue(serve::IssueArgs),
     /// Drive a running daemon with load over mTLS and report throughput and latency.
     Load(load::LoadArgs),
+    /// Key ceremonies for security officers (over mTLS to the daemon).
+    Keys(keys::KeysArgs),
+    /// The audit log of key operations.
+    Audit(keys::AuditArgs),
+    /// Development CSCA operator: certify a CSR as a DSC with the development CSCA; prints PEM.
+    DevSignCsr {
+        /// State directory written by `dev-init`.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The PKCS#10 request (PEM).
+        #[arg(long)]
+        csr: PathBuf,
+        /// Certificate types for the extended key usage, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        types: Vec<dccsign::dcc::CertType>,
+        /// Start of validity (RFC 3339), default now.
+        #[arg(long)]
+        not_before: Option<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 730)]
+        days: u64,
+    },
     /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one).
     DevClientCert {
         /// State directory written by `dev-init`.
@@ -129,6 +152,15 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Issue(args) => serve::issue(args),
         Command::Load(args) => load::run(args),
+        Command::Keys(a) => keys::keys(a),
+        Command::Audit(a) => keys::audit(a),
+        Command::DevSignCsr {
+            state_dir,
+            csr,
+            types,
+            not_before,
+            days,
+        } => dev_sign_csr(&state_dir, &csr, &types, not_before.as_deref(), days),
         Command::DevClientCert {
             state_dir,
             name,
@@ -138,21 +170,57 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn dev_client_cert(state_dir: &Path, name: &str, not_before: Option<&str>, hours: u64) -> ExitCode {
-    let start = match not_before {
-        None => std::time::SystemTime::now(),
+/// `--not-before` as a time (now when absent).
+fn start_time(not_before: Option<&str>) -> Result<std::time::SystemTime, ExitCode> {
+    match not_before {
+        None => Ok(std::time::SystemTime::now()),
         Some(s) => {
             match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
-                Ok(t) => {
-                    std::time::SystemTime::UNIX_EPOCH
-                        + std::time::Duration::from_secs(t.unix_timestamp().max(0) as u64)
-                }
+                Ok(t) => Ok(std::time::SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_secs(t.unix_timestamp().max(0) as u64)),
                 Err(_) => {
                     eprintln!("error: --not-before must be RFC 3339");
-                    return ExitCode::from(EXIT_REJECTED);
+                    Err(ExitCode::from(EXIT_REJECTED))
                 }
             }
         }
+    }
+}
+
+fn dev_sign_csr(
+    state_dir: &Path,
+    csr: &Path,
+    types: &[dccsign::dcc::CertType],
+    not_before: Option<&str>,
+    days: u64,
+) -> ExitCode {
+    let start = match start_time(not_before) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let lifetime = std::time::Duration::from_secs(days * 86_400);
+    let result = std::fs::read(csr)
+        .map_err(|e| format!("{}: {e}", csr.display()))
+        .and_then(|pem| {
+            dccsign::keys::dev_sign_csr(state_dir, &pem, types, start, lifetime)
+                .map_err(|e| e.to_string())
+        });
+    match result {
+        Ok(pem) => {
+            print!("{pem}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dev_client_cert(state_dir: &Path, name: &str, not_before: Option<&str>, hours: u64) -> ExitCode {
+    let start = match start_time(not_before) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let lifetime = std::time::Duration::from_secs(hours * 3600);
     match dccsign::keys::dev_client_cert(state_dir, name, start, lifetime) {

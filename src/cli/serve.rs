@@ -26,7 +26,8 @@ pub struct ServeArgs {
     metrics_listen: Option<String>,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+/// A multi-threaded tokio runtime for the client commands.
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,15 +109,16 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Arguments of `issue`.
+/// How a client command reaches the daemon over mutual TLS.
 #[derive(clap::Args, Debug)]
-pub struct IssueArgs {
+pub struct ClientArgs {
     /// State directory of a development daemon (certificates under pki/).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Development client to act as (a certificate under <state-dir>/pki/clients/).
-    #[arg(long = "as", default_value = "issuer-all")]
-    as_client: String,
+    /// Development client to act as (a certificate under <state-dir>/pki/clients/); the
+    /// default depends on the command (issuer-all, officer-1).
+    #[arg(long = "as")]
+    as_client: Option<String>,
     /// Client certificate (PEM); overrides --state-dir/--as.
     #[arg(long)]
     cert: Option<PathBuf>,
@@ -132,6 +134,64 @@ pub struct IssueArgs {
     /// Name the server certificate must carry.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+}
+
+impl ClientArgs {
+    /// Connects as the given client (or `default_client` of the state directory).
+    pub async fn connect(&self, default_client: &str) -> Result<tonic::transport::Channel, String> {
+        let who = self.as_client.as_deref().unwrap_or(default_client);
+        let state = self.state_dir.clone();
+        let from_state = |rel: String| state.as_ref().map(|d| d.join(rel));
+        let cert = self
+            .cert
+            .clone()
+            .or_else(|| from_state(format!("pki/clients/{who}.pem")))
+            .ok_or("give --cert/--key/--ca or --state-dir")?;
+        let key = self
+            .key
+            .clone()
+            .or_else(|| from_state(format!("pki/clients/{who}.key")))
+            .ok_or("give --key")?;
+        let ca = self
+            .ca
+            .clone()
+            .or_else(|| from_state("pki/tls/ca.pem".into()))
+            .ok_or("give --ca")?;
+        let addr = match (&self.addr, &state) {
+            (Some(a), _) => a.clone(),
+            (None, Some(d)) => Config::load(&d.join("dccsign.toml"))
+                .map_err(|e| e.to_string())?
+                .server
+                .map(|s| s.listen.to_string())
+                .ok_or("the config has no [server] section; give --addr")?,
+            (None, None) => return Err("give --addr".into()),
+        };
+        dccsign::api::client::connect(&addr, &cert, &key, &ca, &self.server_name).await
+    }
+}
+
+/// Prints a refusal: status, field violations with codes, and the stable code.
+pub fn print_status(status: &tonic::Status) {
+    use prost::Message;
+    eprintln!("refused: {:?}: {}", status.code(), status.message());
+    let detail = status
+        .metadata()
+        .get_bin("dccsign-error-bin")
+        .and_then(|v| v.to_bytes().ok())
+        .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok());
+    if let Some(d) = detail {
+        for v in &d.violations {
+            eprintln!("  {}: {} [{} {}]", v.field, v.message, v.code, v.rule);
+        }
+        eprintln!("  code {} request {}", d.code, d.request_id);
+    }
+}
+
+/// Arguments of `issue`.
+#[derive(clap::Args, Debug)]
+pub struct IssueArgs {
+    #[command(flatten)]
+    client: ClientArgs,
     /// Certificate type: test, vaccination or recovery.
     #[arg(long = "type")]
     cert_type: CertType,
@@ -158,32 +218,6 @@ pub fn issue(args: IssueArgs) -> ExitCode {
 }
 
 fn issue_inner(args: IssueArgs) -> Result<ExitCode, String> {
-    let state = args.state_dir.clone();
-    let from_state = |rel: String| state.as_ref().map(|d| d.join(rel));
-    let cert = args
-        .cert
-        .clone()
-        .or_else(|| from_state(format!("pki/clients/{}.pem", args.as_client)))
-        .ok_or("give --cert/--key/--ca or --state-dir")?;
-    let key = args
-        .key
-        .clone()
-        .or_else(|| from_state(format!("pki/clients/{}.key", args.as_client)))
-        .ok_or("give --key")?;
-    let ca = args
-        .ca
-        .clone()
-        .or_else(|| from_state("pki/tls/ca.pem".into()))
-        .ok_or("give --ca")?;
-    let addr = match (&args.addr, &state) {
-        (Some(a), _) => a.clone(),
-        (None, Some(d)) => Config::load(&d.join("dccsign.toml"))
-            .map_err(|e| e.to_string())?
-            .server
-            .map(|s| s.listen.to_string())
-            .ok_or("the config has no [server] section; give --addr")?,
-        (None, None) => return Err("give --addr".into()),
-    };
     let payload = super::issue::read_payload(&args.payload)
         .map_err(|e| format!("{}: {e}", args.payload.display()))?;
     let payload =
@@ -201,8 +235,7 @@ fn issue_inner(args: IssueArgs) -> Result<ExitCode, String> {
     };
     let rt = runtime()?;
     let result = rt.block_on(async {
-        let channel =
-            dccsign::api::client::connect(&addr, &cert, &key, &ca, &args.server_name).await?;
+        let channel = args.client.connect("issuer-all").await?;
         Ok::<_, String>(dccsign::api::client::issuance(channel).issue(req).await)
     })?;
     match result {
@@ -222,19 +255,7 @@ fn issue_inner(args: IssueArgs) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Err(status) => {
-            use prost::Message;
-            eprintln!("refused: {:?}: {}", status.code(), status.message());
-            let detail = status
-                .metadata()
-                .get_bin("dccsign-error-bin")
-                .and_then(|v| v.to_bytes().ok())
-                .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok());
-            if let Some(d) = detail {
-                for v in &d.violations {
-                    eprintln!("  {}: {} [{} {}]", v.field, v.message, v.code, v.rule);
-                }
-                eprintln!("  code {} request {}", d.code, d.request_id);
-            }
+            print_status(&status);
             let client_side = matches!(
                 status.code(),
                 tonic::Code::InvalidArgument

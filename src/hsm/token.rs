@@ -248,6 +248,16 @@ impl Token {
         })
     }
 
+    /// Removes a key pair (private and public objects with the key's `CKA_ID`) from the token.
+    pub fn destroy_key_pair(&self, key: &KeyHandle) -> Result<usize, HsmError> {
+        let session = self.anchor();
+        let found = session.find_objects(&[Attribute::Id(key.id.clone())])?;
+        for h in &found {
+            session.destroy_object(*h)?;
+        }
+        Ok(found.len())
+    }
+
     fn find_object(
         &self,
         class: ObjectClass,

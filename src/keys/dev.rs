@@ -151,6 +151,49 @@ pub fn dev_client_cert(
     )
 }
 
+/// Development CSCA operator: checks a PKCS#10 request's own signature and certifies its key as
+/// a DSC for `types` with the development CSCA in the token (PEM). Production DSCs are
+/// certified by the country's CSCA, outside dccsign.
+pub fn dev_sign_csr(
+    state_dir: &Path,
+    csr_pem: &[u8],
+    types: &[CertType],
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<String, KeysError> {
+    use der::Encode;
+    use p256::ecdsa::signature::Verifier;
+    let bad = |m: String| KeysError::Parse {
+        path: "CSR".into(),
+        message: m,
+    };
+    let req = x509_cert::request::CertReq::from_pem(csr_pem).map_err(|e| bad(e.to_string()))?;
+    let public =
+        p256::PublicKey::from_sec1_bytes(req.info.public_key.subject_public_key.raw_bytes())
+            .map_err(|_| bad("the requested key is not P-256".into()))?;
+    let info = req.info.to_der().map_err(|e| bad(e.to_string()))?;
+    let sig = p256::ecdsa::Signature::from_der(req.signature.raw_bytes())
+        .map_err(|e| bad(e.to_string()))?;
+    p256::ecdsa::VerifyingKey::from(&public)
+        .verify(&info, &sig)
+        .map_err(|_| bad("the request's signature does not verify".into()))?;
+    let token = open_dev_token(state_dir)?;
+    let csca_key = token.find_key(CSCA_LABEL)?;
+    let csca = load_cert(&state_dir.join("pki/csca.pem"))?;
+    let eku = types
+        .iter()
+        .map(|t| const_oid::ObjectIdentifier::new(t.eku_oid()).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let profile = CertProfile {
+        subject: req.info.subject.to_string(),
+        not_before,
+        lifetime,
+    };
+    let cert =
+        super::certificate::build_leaf(&token, &csca_key, &csca, &public, &eku, None, &profile)?;
+    to_pem(&cert)
+}
+
 /// Sets up (or completes) the development PKI under `state_dir` for issuing country `country`.
 ///
 /// Exports `SOFTHSM2_CONF` for this process: call it before any other PKCS#11 use.
@@ -326,6 +369,21 @@ queue = 4096
 
 [ledger]
 path = "ledger.sqlite"
+
+# Key lifecycle: managed keys, pending two-person operations and the audit log.
+[keys]
+database = "control.sqlite"
+# "production" or "test"; a DSC must chain to a CSCA of the same environment.
+environment = "test"
+# Days between publishing a DSC and activating it (verifier apps sync daily; production: 2).
+propagation_delay_hours = 0
+# Private key usage period from activation.
+usage_period_days = 183
+# How long a pending two-person operation waits for its second officer.
+operation_ttl_hours = 24
+[[keys.csca]]
+certificate = "pki/csca.pem"
+environment = "test"
 
 [validation]
 max_sample_age_hours = 168

@@ -4,14 +4,20 @@
 //! Invariant: a DSC is only used for the certificate types its extended key usage allows, and
 //! only while its key is present on the token and matches the certificate.
 
+mod ceremony;
 mod certificate;
 mod dev;
 mod dsc;
+mod state;
 mod tls;
 
+pub use ceremony::{Csca, KeyManager, KeyOpError, KeySettings, ManagedKey, Operation};
 pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
-pub use dev::{dev_client_cert, dev_init, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL};
+pub use dev::{
+    dev_client_cert, dev_init, dev_sign_csr, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL,
+};
 pub use dsc::{ActiveDsc, Dsc, DscSet};
+pub use state::KeyState;
 pub use tls::{dev_identity, issue_tls_leaf, TlsRole, DEV_IDENTITY_PREFIX};
 
 /// Errors of the key layer.

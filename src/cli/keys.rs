@@ -1,0 +1,263 @@
+//! `dccsign keys …` (security officers, over mTLS to the running daemon) and `dccsign audit
+//! verify` (local, on the control database).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dccsign::api::pb;
+use dccsign::dcc::CertType;
+
+use super::serve::{print_status, runtime, ClientArgs};
+use super::{ConfigArgs, EXIT_REJECTED};
+
+/// Arguments of `keys`.
+#[derive(clap::Args, Debug)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum KeysCommand {
+    /// Ask for a new P-256 key in the HSM (two-person: prints the pending operation id).
+    Generate {
+        /// New key label.
+        label: String,
+        /// Certificate types, comma-separated: test, vaccination, recovery.
+        #[arg(long, value_delimiter = ',', required = true)]
+        types: Vec<CertType>,
+    },
+    /// Approve (and so execute) another officer's pending operation.
+    Approve {
+        /// Operation id (OP-…).
+        operation: String,
+    },
+    /// Operations waiting for a second officer.
+    Pending,
+    /// Print a PKCS#10 request for a generated key, signed inside the HSM.
+    Csr {
+        /// Key label.
+        label: String,
+        /// Subject (RFC 4514), e.g. "CN=DSC test 2027a,O=eHealth Agency,C=SE".
+        #[arg(long)]
+        subject: String,
+    },
+    /// Import the CSCA-signed certificate of a generated key (every check, then "certified").
+    ImportCert {
+        /// Key label.
+        label: String,
+        /// Certificate file (PEM or DER).
+        certificate: PathBuf,
+    },
+    /// Keys and their state.
+    List {
+        /// JSON on standard output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `keys`.
+pub fn keys(args: KeysArgs) -> ExitCode {
+    match keys_inner(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn op_line(o: &pb::Operation) -> String {
+    format!(
+        "{} {} {} requested by {} ({}){}",
+        o.id,
+        o.operation,
+        o.parameters_json,
+        o.requester,
+        o.state,
+        if o.result.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", o.result)
+        }
+    )
+}
+
+fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let channel = args.client.connect("officer-1").await?;
+        let mut c = pb::keys_client::KeysClient::new(channel);
+        let result: Result<(), tonic::Status> = async {
+            match args.command {
+                KeysCommand::Generate { label, types } => {
+                    let o = c
+                        .generate_key(pb::GenerateKeyRequest {
+                            label,
+                            types: types
+                                .iter()
+                                .map(|t| pb::CertificateType::from(*t) as i32)
+                                .collect(),
+                        })
+                        .await?
+                        .into_inner();
+                    eprintln!("pending: a second officer runs `dccsign keys approve {}`", o.id);
+                    println!("{}", o.id);
+                }
+                KeysCommand::Approve { operation } => {
+                    let o = c
+                        .approve(pb::ApproveRequest {
+                            operation_id: operation,
+                        })
+                        .await?
+                        .into_inner();
+                    println!("{}", op_line(&o));
+                }
+                KeysCommand::Pending => {
+                    let r = c.list_pending(pb::ListPendingRequest {}).await?.into_inner();
+                    for o in &r.operations {
+                        println!(
+                            "{} (expires {})",
+                            op_line(o),
+                            super::fmt_time(Some(o.expires_at))
+                        );
+                    }
+                }
+                KeysCommand::Csr { label, subject } => {
+                    let r = c
+                        .create_csr(pb::CreateCsrRequest { label, subject })
+                        .await?
+                        .into_inner();
+                    print!("{}", r.csr_pem);
+                }
+                KeysCommand::ImportCert { label, certificate } => {
+                    let bytes = std::fs::read(&certificate).map_err(|e| {
+                        tonic::Status::invalid_argument(format!("{}: {e}", certificate.display()))
+                    })?;
+                    let k = c
+                        .import_certificate(pb::ImportCertificateRequest {
+                            label,
+                            certificate: bytes,
+                        })
+                        .await?
+                        .into_inner();
+                    println!("{} {} kid {}", k.label, k.state, hex::encode(&k.kid));
+                }
+                KeysCommand::List { json } => {
+                    let r = c.list_keys(pb::ListKeysRequest {}).await?.into_inner();
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    let rows: Vec<serde_json::Value> = r
+                        .keys
+                        .iter()
+                        .map(|k| {
+                            serde_json::json!({
+                                "label": k.label, "state": k.state, "managed": k.managed,
+                                "kid": hex::encode(&k.kid),
+                                "types": k.types.iter().filter_map(|t| pb::CertificateType::try_from(*t).ok()
+                                    .and_then(pb::CertificateType::cert_type)).map(|t| t.as_str()).collect::<Vec<_>>(),
+                                "not_before": k.not_before, "not_after": k.not_after,
+                                "usage_seconds_left": (k.usage_end > 0).then(|| k.usage_end - now),
+                                "uri": k.uri,
+                            })
+                        })
+                        .collect();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+                    } else {
+                        for r in rows {
+                            println!(
+                                "{:24} {:10} kid {:16} types {} valid to {}",
+                                r["label"].as_str().unwrap_or(""),
+                                r["state"].as_str().unwrap_or(""),
+                                r["kid"].as_str().unwrap_or(""),
+                                r["types"],
+                                super::fmt_time(r["not_after"].as_i64().filter(|t| *t > 0))
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(status) => {
+                print_status(&status);
+                Ok(if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::AlreadyExists
+                        | tonic::Code::NotFound
+                ) {
+                    ExitCode::from(EXIT_REJECTED)
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+        }
+    })
+}
+
+/// Arguments of `audit`.
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: AuditCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AuditCommand {
+    /// Check the hash chain of the audit log and its signed checkpoints.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// Runs `audit`.
+pub fn audit(args: AuditArgs) -> ExitCode {
+    let AuditCommand::Verify { config } = args.command;
+    let cfg = match config.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = cfg.resolve(&cfg.keys.database);
+    let conn = match rusqlite::Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match dccsign::audit::verify(&conn, None) {
+        Ok(v) => match v.problem {
+            None => {
+                println!(
+                    "audit log intact: {} entries, {} checkpoints verified",
+                    v.entries, v.checkpoints
+                );
+                ExitCode::SUCCESS
+            }
+            Some(p) => {
+                println!("audit log BROKEN: {p}");
+                ExitCode::from(super::EXIT_INVALID)
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Key ceremonies against the real daemon (mTLS, SoftHSM, two officer certificates): the
+//! two-person rule, CSR and certificate import with every refusal, and the audit log.
+
+mod common;
+
+use std::process::Output;
+
+use common::{stderr, stdout, Daemon};
+
+/// `dccsign keys …` as a development client against the daemon.
+fn keys(d: &Daemon, who: &str, args: &[&str]) -> Output {
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let mut all = vec!["keys", "--state-dir", &dir, "--addr", &d.addr, "--as", who];
+    all.extend_from_slice(args);
+    d.dev.run(&all)
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// Refused with exit code 2 and the given stable code in the message.
+fn refused(o: Output, code: &str) -> String {
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{}\n{err}", stdout(&o));
+    assert!(err.contains(code), "expected {code}: {err}");
+    err
+}
+
+/// generate (officer-1) + approve (officer-2): a key in state "generated".
+fn generated(d: &Daemon, label: &str, types: &str) {
+    let op = ok(keys(d, "officer-1", &["generate", label, "--types", types]));
+    ok(keys(d, "officer-2", &["approve", op.trim()]));
+}
+
+fn csr(d: &Daemon, label: &str) -> std::path::PathBuf {
+    let pem = ok(keys(
+        d,
+        "officer-1",
+        &[
+            "csr",
+            label,
+            "--subject",
+            "CN=DSC test,O=eHealth Agency,C=SE",
+        ],
+    ));
+    let path = d.dev.file(&format!("{label}.csr"));
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// The development CSCA certifies `csr` for `types`.
+fn certify(d: &Daemon, csr: &std::path::Path, types: &str, extra: &[&str]) -> std::path::PathBuf {
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let mut args = vec![
+        "dev-sign-csr",
+        "--state-dir",
+        &dir,
+        "--csr",
+        csr.to_str().unwrap(),
+        "--types",
+        types,
+    ];
+    args.extend_from_slice(extra);
+    let pem = ok(d.dev.run(&args));
+    let path = csr.with_extension(format!("{}.pem", types.replace(',', "-")));
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+fn audit_verify(d: &Daemon) -> Output {
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    d.dev.run(&["audit", "verify", "--state-dir", &dir])
+}
+
+#[test]
+fn two_officers_generate_certify_and_import_a_key() {
+    let d = Daemon::start();
+    let op = ok(keys(
+        &d,
+        "officer-1",
+        &["generate", "dsc-test-2027a", "--types", "test"],
+    ));
+    let op = op.trim();
+    assert!(op.starts_with("OP-"), "{op}");
+    // The requester cannot approve their own operation; it stays pending.
+    refused(keys(&d, "officer-1", &["approve", op]), "2-60-7004");
+    let pending = ok(keys(&d, "officer-2", &["pending"]));
+    assert!(
+        pending.contains(op) && pending.contains("dsc-test-2027a"),
+        "{pending}"
+    );
+    // An issuer cannot use the Keys service at all.
+    refused(keys(&d, "issuer-all", &["pending"]), "2-60-9001");
+    // The second officer approves: the key now exists in the HSM.
+    let done = ok(keys(&d, "officer-2", &["approve", op]));
+    assert!(done.contains("executed"), "{done}");
+    refused(keys(&d, "officer-2", &["approve", op]), "2-60-7006");
+    assert!(!ok(keys(&d, "officer-2", &["pending"])).contains(op));
+    // The same label cannot be generated twice.
+    refused(
+        keys(
+            &d,
+            "officer-1",
+            &["generate", "dsc-test-2027a", "--types", "test"],
+        ),
+        "2-60-7020",
+    );
+
+    // A CSR signed inside the token; OpenSSL (not us) checks its signature.
+    let req = csr(&d, "dsc-test-2027a");
+    let check = std::process::Command::new("openssl")
+        .args(["req", "-verify", "-noout", "-in", req.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", stderr(&check));
+    // Import before certification is the only allowed next step; activation is not.
+    let cert = certify(&d, &req, "test", &[]);
+    let out = ok(keys(
+        &d,
+        "officer-1",
+        &["import-cert", "dsc-test-2027a", cert.to_str().unwrap()],
+    ));
+    assert!(out.contains("dsc-test-2027a certified kid "), "{out}");
+    // A CSR for a certified key is refused, naming the state and the next step.
+    let err = refused(
+        keys(
+            &d,
+            "officer-1",
+            &["csr", "dsc-test-2027a", "--subject", "CN=x"],
+        ),
+        "2-60-7003",
+    );
+    assert!(
+        err.contains("the key is certified") && err.contains("publish"),
+        "{err}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(keys(&d, "officer-2", &["list", "--json"]))).unwrap();
+    let k = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"] == "dsc-test-2027a")
+        .unwrap();
+    assert_eq!(
+        (k["state"].as_str(), k["managed"].as_bool()),
+        (Some("certified"), Some(true))
+    );
+    assert_eq!(k["types"], serde_json::json!(["test"]));
+    // Configured DSCs are listed as well.
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["managed"] == false));
+
+    // The audit log holds every step (request, refusals, approval, csr, import) and is intact.
+    let v = audit_verify(&d);
+    let out = stdout(&v);
+    assert!(v.status.success(), "{out}{}", stderr(&v));
+    let entries: u32 = out
+        .split("intact: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(entries, 8, "{out}");
+    let conn = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT operation, officer, approvals, result FROM audit ORDER BY seq")
+        .unwrap();
+    let rows: Vec<(String, String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let expect = [
+        ("keys.generate.request", "officer-1", "pending OP-"),
+        ("keys.approve", "officer-1", "refused: "),
+        ("keys.generate", "officer-1", "ok: generated"),
+        ("keys.approve", "officer-2", "refused: "),
+        ("keys.generate", "officer-1", "refused: "),
+        ("keys.csr", "officer-1", "ok"),
+        ("keys.import-cert", "officer-1", "ok: certified"),
+        ("keys.csr", "officer-1", "refused: "),
+    ];
+    for (row, (op, who, result)) in rows.iter().zip(expect) {
+        assert_eq!(row.0, op, "{rows:?}");
+        assert!(row.1.ends_with(who) && row.3.starts_with(result), "{row:?}");
+    }
+    // The executed generate names its approver.
+    assert_eq!(rows[2].2, r#"["spiffe://dccsign.dev/officer-2"]"#);
+}
+
+#[test]
+fn import_refuses_every_bad_certificate() {
+    let mut d = Daemon::start();
+    generated(&d, "k-a", "test");
+    generated(&d, "k-b", "test");
+    let req_a = csr(&d, "k-a");
+    let req_b = csr(&d, "k-b");
+    let import = |d: &Daemon, cert: &std::path::Path| {
+        keys(
+            d,
+            "officer-1",
+            &["import-cert", "k-a", cert.to_str().unwrap()],
+        )
+    };
+    // Another key's certificate.
+    let other = certify(&d, &req_b, "test", &[]);
+    refused(import(&d, &other), "2-60-7010");
+    // EKU for another type than the key was generated for.
+    let wrong_eku = certify(&d, &req_a, "vaccination", &[]);
+    let err = refused(import(&d, &wrong_eku), "2-60-7013");
+    assert!(err.contains("declared for test"), "{err}");
+    // Expired.
+    let expired = certify(
+        &d,
+        &req_a,
+        "test",
+        &["--not-before", "2020-01-01T00:00:00Z", "--days", "30"],
+    );
+    refused(import(&d, &expired), "2-60-7015");
+    // Signed by another CSCA (a second development PKI).
+    let stranger = common::Dev::new();
+    let dir = stranger.path().to_str().unwrap().to_string();
+    let pem = ok(stranger.run(&[
+        "dev-sign-csr",
+        "--state-dir",
+        &dir,
+        "--csr",
+        req_a.to_str().unwrap(),
+        "--types",
+        "test",
+    ]));
+    let unchained = d.dev.file("unchained.pem");
+    std::fs::write(&unchained, pem).unwrap();
+    refused(import(&d, &unchained), "2-60-7014");
+    // A certificate we already hold (kid collision with a configured DSC).
+    refused(import(&d, &d.dev.file("pki/dsc-test.pem")), "2-60-7016");
+    // Not a certificate.
+    refused(import(&d, &req_a), "2-60-7011");
+    // Nothing changed: still generated. The good certificate is accepted.
+    let good = certify(&d, &req_a, "test", &[]);
+    // A test-environment CSCA is refused by a production deployment.
+    let cfg = d.dev.file("dccsign.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "environment = \"test\"\n# Days",
+            "environment = \"production\"\n# Days",
+        ),
+    )
+    .unwrap();
+    d.restart();
+    let err = refused(import(&d, &good), "2-60-7017");
+    assert!(
+        err.contains("test environment") && err.contains("production"),
+        "{err}"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    d.restart();
+    ok(import(&d, &good));
+    // Every refusal is in the audit log, which is intact.
+    assert!(audit_verify(&d).status.success());
+}
+
+#[test]
+fn an_operation_expires_unapproved() {
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replace("operation_ttl_hours = 24", "operation_ttl_hours = 0");
+    });
+    let op = ok(keys(
+        &d,
+        "officer-1",
+        &["generate", "late", "--types", "test"],
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    refused(keys(&d, "officer-2", &["approve", op.trim()]), "2-60-7005");
+}
+
+#[test]
+fn the_audit_log_detects_tampering_and_a_failing_write_blocks_the_operation() {
+    let d = Daemon::start();
+    generated(&d, "k-audit", "recovery");
+    csr(&d, "k-audit");
+    assert!(audit_verify(&d).status.success());
+    let db = d.dev.file("control.sqlite");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+
+    // Change one byte of one entry: detected, and the entry is named.
+    let original: String = conn
+        .query_row("SELECT officer FROM audit WHERE seq = 2", [], |r| r.get(0))
+        .unwrap();
+    conn.execute(
+        "UPDATE audit SET officer = 'spiffe://dccsign.dev/officer-3' WHERE seq = 2",
+        [],
+    )
+    .unwrap();
+    let v = audit_verify(&d);
+    assert_eq!(v.status.code(), Some(3));
+    assert!(stdout(&v).contains("entry 2:"), "{}", stdout(&v));
+    conn.execute("UPDATE audit SET officer = ?1 WHERE seq = 2", [&original])
+        .unwrap();
+    assert!(
+        audit_verify(&d).status.success(),
+        "{}",
+        stdout(&audit_verify(&d))
+    );
+
+    // The audit table refuses writes: the operation fails and has no effect.
+    conn.execute_batch(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .unwrap();
+    // Even the request cannot be recorded without its entry.
+    let o = keys(
+        &d,
+        "officer-1",
+        &["generate", "k-blocked", "--types", "test"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2-60-7090"), "{}", stderr(&o));
+    conn.execute_batch("DROP TRIGGER no_audit").unwrap();
+    assert!(!ok(keys(&d, "officer-2", &["pending"])).contains("k-blocked"));
+    let op = ok(keys(
+        &d,
+        "officer-1",
+        &["generate", "k-blocked", "--types", "test"],
+    ));
+    conn.execute_batch(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+    )
+    .unwrap();
+    let o = keys(&d, "officer-2", &["approve", op.trim()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2-60-7090"), "{}", stderr(&o));
+    conn.execute_batch("DROP TRIGGER no_audit").unwrap();
+    // Not executed: still pending, not in the key list, and the label is free in the token —
+    // approving now generates it.
+    assert!(ok(keys(&d, "officer-2", &["pending"])).contains(op.trim()));
+    let list = ok(keys(&d, "officer-2", &["list", "--json"]));
+    assert!(!list.contains("k-blocked"), "{list}");
+    ok(keys(&d, "officer-2", &["approve", op.trim()]));
+    assert!(audit_verify(&d).status.success());
+}
