@@ -347,3 +347,267 @@ fn the_audit_log_detects_tampering_and_a_failing_write_blocks_the_operation() {
     ok(keys(&d, "officer-2", &["approve", op.trim()]));
     assert!(audit_verify(&d).status.success());
 }
+
+/// generate + approve + csr + certificate by the development CSCA + import: "certified".
+fn certified(d: &Daemon, label: &str, types: &str) -> std::path::PathBuf {
+    generated(d, label, types);
+    let req = csr(d, label);
+    let cert = certify(d, &req, types, &[]);
+    ok(keys(
+        d,
+        "officer-1",
+        &["import-cert", label, cert.to_str().unwrap()],
+    ));
+    cert
+}
+
+/// The country's upload key, certified (no extended key usage).
+fn upload_key(d: &Daemon, label: &str) {
+    let op = ok(keys(
+        d,
+        "officer-1",
+        &["generate", label, "--role", "upload"],
+    ));
+    ok(keys(d, "officer-2", &["approve", op.trim()]));
+    let req = csr(d, label);
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let pem = ok(d.dev.run(&[
+        "dev-sign-csr",
+        "--state-dir",
+        &dir,
+        "--csr",
+        req.to_str().unwrap(),
+    ]));
+    let cert = d.dev.file(&format!("{label}.pem"));
+    std::fs::write(&cert, pem).unwrap();
+    ok(keys(
+        d,
+        "officer-1",
+        &["import-cert", label, cert.to_str().unwrap()],
+    ));
+}
+
+/// publish + activate (officer-1) + approve (officer-2).
+fn activate(d: &Daemon, label: &str) -> String {
+    let pkg = d.dev.file(&format!("{label}.cms.b64"));
+    ok(keys(
+        d,
+        "officer-1",
+        &["publish", label, "--out", pkg.to_str().unwrap()],
+    ));
+    let op = ok(keys(d, "officer-1", &["activate", label]));
+    refused(keys(d, "officer-1", &["approve", op.trim()]), "2-60-7004");
+    ok(keys(d, "officer-2", &["approve", op.trim()]))
+}
+
+fn test_payload(d: &Daemon) -> serde_json::Value {
+    let mut p = d.dev.example("test");
+    p["t"][0].as_object_mut().unwrap().remove("ci");
+    p
+}
+
+#[test]
+fn publish_then_rotate_while_a_client_issues_continuously() {
+    let d = Daemon::start();
+    upload_key(&d, "upload-1");
+    let cert = certified(&d, "dsc-test-new", "test");
+    // Activation must wait for publication.
+    let err = refused(
+        keys(&d, "officer-1", &["activate", "dsc-test-new"]),
+        "2-60-7003",
+    );
+    assert!(
+        err.contains("the key is certified") && err.contains("publish"),
+        "{err}"
+    );
+
+    // The upload package: OpenSSL verifies the CMS against the CSCA and returns the DSC.
+    let pkg = d.dev.file("pkg.b64");
+    ok(keys(
+        &d,
+        "officer-1",
+        &["publish", "dsc-test-new", "--out", pkg.to_str().unwrap()],
+    ));
+    let der = d.dev.file("pkg.der");
+    let b64 = std::process::Command::new("openssl")
+        .args([
+            "base64",
+            "-d",
+            "-A",
+            "-in",
+            pkg.to_str().unwrap(),
+            "-out",
+            der.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(b64.status.success());
+    let content = d.dev.file("content.der");
+    let v = std::process::Command::new("openssl")
+        .args([
+            "cms",
+            "-verify",
+            "-inform",
+            "DER",
+            "-in",
+            der.to_str().unwrap(),
+            "-CAfile",
+            d.dev.file("pki/csca.pem").to_str().unwrap(),
+            "-purpose",
+            "any",
+            "-out",
+            content.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", stderr(&v));
+    assert_eq!(std::fs::read(&content).unwrap(), common::pem_der(&cert));
+    let info = std::process::Command::new("openssl")
+        .args([
+            "cms",
+            "-cmsout",
+            "-print",
+            "-inform",
+            "DER",
+            "-in",
+            der.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&info).matches("signerInfos:").count(), 1);
+
+    // A client issues test certificates continuously while the officers activate the new key.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let payload = test_payload(&d);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let channel = rt.block_on(d.channel("issuer-all")).unwrap();
+    let worker = {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            let mut c = dccsign::api::client::issuance(channel);
+            let mut seen: Vec<Result<Vec<u8>, String>> = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let req = common::issue_request("test", &payload, &format!("rot-{n}"));
+                seen.push(match c.issue(req).await {
+                    Ok(r) => Ok(r.into_inner().kid),
+                    Err(e) => Err(e.to_string()),
+                });
+            }
+            seen
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let op = ok(keys(&d, "officer-1", &["activate", "dsc-test-new"]));
+    let done = ok(keys(&d, "officer-2", &["approve", op.trim()]));
+    assert!(done.contains("executed"), "{done}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = rt.block_on(worker).unwrap();
+    assert!(
+        seen.len() >= 20,
+        "only {} requests around the switch",
+        seen.len()
+    );
+    let failures: Vec<_> = seen.iter().filter(|r| r.is_err()).collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    let kids: Vec<&Vec<u8>> = seen.iter().map(|r| r.as_ref().unwrap()).collect();
+    let (old, new) = (kids[0], kids[kids.len() - 1]);
+    assert_ne!(old, new, "the kid must change");
+    // Old kid first, then only the new one: one switch, never back.
+    let switch = kids.iter().position(|k| *k == new).unwrap();
+    assert!(
+        switch > 0 && kids[switch..].iter().all(|k| *k == new),
+        "{kids:?}"
+    );
+    assert!(kids[..switch].iter().all(|k| *k == old));
+    // The signing info now names the new DSC, and its certificates verify against it.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(keys(&d, "officer-2", &["list", "--json"]))).unwrap();
+    let k = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"] == "dsc-test-new")
+        .unwrap();
+    assert_eq!(k["state"], "active");
+    assert_eq!(k["kid"].as_str().unwrap(), hex::encode(new));
+    assert!(k["usage_seconds_left"].as_i64().unwrap() > 180 * 86_400);
+    let hc1 = rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request(
+            "test",
+            &test_payload(&d),
+            "after-rotation",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .hc1
+    });
+    let out = d
+        .dev
+        .run(&["verify", "--trust", cert.to_str().unwrap(), &hc1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // After a restart the managed key still signs its types.
+    let mut d = d;
+    d.restart();
+    let kid = rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request(
+            "test",
+            &test_payload(&d),
+            "after-restart",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .kid
+    });
+    assert_eq!(&kid, new);
+    assert!(audit_verify(&d).status.success());
+}
+
+#[test]
+fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
+    // 48 h propagation delay (the production default): activation is refused right after publish.
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replace(
+            "propagation_delay_hours = 0",
+            "propagation_delay_hours = 48",
+        );
+    });
+    upload_key(&d, "upload-1");
+    certified(&d, "dsc-a", "test");
+    let pkg = d.dev.file("a.b64");
+    ok(keys(
+        &d,
+        "officer-1",
+        &["publish", "dsc-a", "--out", pkg.to_str().unwrap()],
+    ));
+    let err = refused(keys(&d, "officer-1", &["activate", "dsc-a"]), "2-60-7003");
+    assert!(err.contains("propagation delay of 48 h"), "{err}");
+    drop(d);
+
+    // A usage period of 0 days: the key is past it a second after activation, and nothing is
+    // signed with it.
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replace("usage_period_days = 183", "usage_period_days = 0");
+    });
+    upload_key(&d, "upload-1");
+    certified(&d, "dsc-b", "test");
+    let done = activate(&d, "dsc-b");
+    assert!(done.contains("executed"), "{done}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request("test", &test_payload(&d), "too-late"))
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert_eq!(common::error_detail(&e).code, "2-60-5010");
+}

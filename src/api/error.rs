@@ -69,7 +69,9 @@ pub fn grpc_code(e: &IssueError) -> Code {
         IssueError::DuplicateUvci | IssueError::RequestIdReused => Code::AlreadyExists,
         IssueError::RequestInProgress => Code::Aborted,
         IssueError::Replay(_) => Code::Internal,
-        IssueError::NoSigner(_) | IssueError::SignerNotYetValid { .. } => Code::FailedPrecondition,
+        IssueError::NoSigner(_)
+        | IssueError::SignerNotYetValid { .. }
+        | IssueError::UsagePeriodOver(_) => Code::FailedPrecondition,
         IssueError::Hsm(HsmError::Overloaded) => Code::ResourceExhausted,
         IssueError::Hsm(_) | IssueError::Ledger(_) => Code::Unavailable,
     }

@@ -101,12 +101,20 @@ impl pb::keys_server::Keys for KeysService {
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let caller = self.authz.authorize(&req, Service::Keys, "")?;
+        let managed = if self.manager.is_some() {
+            self.run(|m, _| m.list()).await?
+        } else {
+            vec![]
+        };
         let mut keys: Vec<pb::KeyInfo> = Vec::new();
+        // Configured DSCs that sign now (a managed key that signs is listed with the managed).
         for t in CertType::ALL {
             let Some(d) = self.issuer.dsc_for(t) else {
                 continue;
             };
-            if keys.iter().any(|k| k.label == d.key.label) {
+            if keys.iter().any(|k| k.label == d.key.label)
+                || managed.iter().any(|m| m.label == d.key.label)
+            {
                 continue;
             }
             keys.push(pb::KeyInfo {
@@ -131,11 +139,7 @@ impl pb::keys_server::Keys for KeysService {
                 created_at: 0,
             });
         }
-        if self.manager.is_some() {
-            let label = self.token_label.clone();
-            let managed = self.run(|m, _| m.list()).await?;
-            keys.extend(managed.into_iter().map(|k| key_info(&label, k)));
-        }
+        keys.extend(managed.into_iter().map(|k| key_info(&self.token_label, k)));
         tracing::info!(client = %caller.identity, keys = keys.len(), "list keys");
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }
@@ -163,7 +167,10 @@ impl pb::keys_server::Keys for KeysService {
             }
         }
         let op = self
-            .run(move |m, now| m.request_generate(&officer, &r.label, &types, now))
+            .run(move |m, now| {
+                let role = if r.role.is_empty() { "dsc" } else { &r.role };
+                m.request_generate(&officer, &r.label, role, &types, now)
+            })
             .await?;
         Ok(Response::new(op_info(op)))
     }
@@ -214,5 +221,29 @@ impl pb::keys_server::Keys for KeysService {
             .run(move |m, now| m.import_cert(&officer, &r.label, &r.certificate, now))
             .await?;
         Ok(Response::new(key_info(&label, k)))
+    }
+
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let label = req.into_inner().label;
+        let package_base64 = self
+            .run(move |m, now| m.publish(&officer, &label, now))
+            .await?;
+        Ok(Response::new(pb::PublishResponse { package_base64 }))
+    }
+
+    async fn activate(
+        &self,
+        req: Request<pb::ActivateRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let label = req.into_inner().label;
+        let op = self
+            .run(move |m, now| m.request_activate(&officer, &label, now))
+            .await?;
+        Ok(Response::new(op_info(op)))
     }
 }

@@ -156,7 +156,15 @@ pub async fn serve(
         crate::keys::KeySettings::from_config(&cfg)
             .map_err(|e| ServeError::Config(e.to_string()))?,
     )
-    .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?;
+    .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?
+    .with_switch(issuer.clone());
+    // Managed DSCs activated by officers take over their types from the configured ones.
+    for dsc in manager
+        .active_signers()
+        .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?
+    {
+        crate::keys::SignerSwitch::switch_to(&*issuer, dsc);
+    }
     let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
         issuer.clone(),
         authz.clone(),

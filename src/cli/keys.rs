@@ -25,9 +25,12 @@ enum KeysCommand {
     Generate {
         /// New key label.
         label: String,
-        /// Certificate types, comma-separated: test, vaccination, recovery.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Certificate types, comma-separated: test, vaccination, recovery (DSCs only).
+        #[arg(long, value_delimiter = ',', required_unless_present = "role")]
         types: Vec<CertType>,
+        /// `dsc` (default) or `upload` (the key that signs EU gateway packages).
+        #[arg(long)]
+        role: Option<String>,
     },
     /// Approve (and so execute) another officer's pending operation.
     Approve {
@@ -50,6 +53,19 @@ enum KeysCommand {
         label: String,
         /// Certificate file (PEM or DER).
         certificate: PathBuf,
+    },
+    /// Write the EU gateway upload package (base64 CMS) of a certified DSC; it becomes published.
+    Publish {
+        /// Key label.
+        label: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Ask to activate a published DSC (two-person; after the propagation delay).
+    Activate {
+        /// Key label.
+        label: String,
     },
     /// Keys and their state.
     List {
@@ -93,10 +109,11 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
         let mut c = pb::keys_client::KeysClient::new(channel);
         let result: Result<(), tonic::Status> = async {
             match args.command {
-                KeysCommand::Generate { label, types } => {
+                KeysCommand::Generate { label, types, role } => {
                     let o = c
                         .generate_key(pb::GenerateKeyRequest {
                             label,
+                            role: role.unwrap_or_default(),
                             types: types
                                 .iter()
                                 .map(|t| pb::CertificateType::from(*t) as i32)
@@ -115,6 +132,24 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
                         .await?
                         .into_inner();
                     println!("{}", op_line(&o));
+                }
+                KeysCommand::Publish { label, out } => {
+                    let r = c
+                        .publish(pb::PublishRequest { label })
+                        .await?
+                        .into_inner();
+                    std::fs::write(&out, r.package_base64).map_err(|e| {
+                        tonic::Status::internal(format!("{}: {e}", out.display()))
+                    })?;
+                    eprintln!("wrote {}", out.display());
+                }
+                KeysCommand::Activate { label } => {
+                    let o = c
+                        .activate(pb::ActivateRequest { label })
+                        .await?
+                        .into_inner();
+                    eprintln!("pending: a second officer runs `dccsign keys approve {}`", o.id);
+                    println!("{}", o.id);
                 }
                 KeysCommand::Pending => {
                     let r = c.list_pending(pb::ListPendingRequest {}).await?.into_inner();

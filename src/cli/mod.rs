@@ -101,8 +101,9 @@ enum Command {
         /// The PKCS#10 request (PEM).
         #[arg(long)]
         csr: PathBuf,
-        /// Certificate types for the extended key usage, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Certificate types for the extended key usage, comma-separated (none: no extended key
+        /// usage, e.g. for the upload certificate).
+        #[arg(long, value_delimiter = ',')]
         types: Vec<dccsign::dcc::CertType>,
         /// Start of validity (RFC 3339), default now.
         #[arg(long)]

@@ -35,6 +35,9 @@ pub enum IssueError {
     /// A recorded request could not be rebuilt.
     #[error("the recorded request cannot be rebuilt: {0} [2-60-5009]")]
     Replay(String),
+    /// The active DSC's private key usage period is over and no successor is active.
+    #[error("the document signer for {0} certificates is past its private key usage period; a successor must be activated [2-60-5010]")]
+    UsagePeriodOver(CertType),
     /// No DSC is configured (or allowed by its extended key usage) for this type.
     #[error("no document signer is configured for {0} certificates [2-60-5001]")]
     NoSigner(CertType),
@@ -64,6 +67,7 @@ impl IssueError {
             IssueError::RequestInProgress => "2-60-5008",
             IssueError::Replay(_) => "2-60-5009",
             IssueError::NoSigner(_) => "2-60-5001",
+            IssueError::UsagePeriodOver(_) => "2-60-5010",
             IssueError::SignerNotYetValid { .. } => "2-60-5002",
             IssueError::Hsm(_) => "2-60-5003",
             IssueError::Ledger(_) => "2-60-5004",

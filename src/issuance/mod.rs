@@ -204,6 +204,7 @@ impl Issuer {
                 dsc: s.dsc.dsc.clone(),
                 key,
                 types: s.dsc.types.clone(),
+                usage_end: s.dsc.usage_end,
             });
             fresh.insert(
                 *t,
@@ -245,7 +246,18 @@ impl Issuer {
         use p256::ecdsa::signature::hazmat::PrehashVerifier;
         let mut digest = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut digest);
+        let now = OffsetDateTime::now_utc();
         for s in self.signers().values() {
+            // Private key usage period: a metric always, a warning from one month before.
+            if let Some(end) = s.dsc.usage_end {
+                let left = (end - now).whole_seconds();
+                metrics::gauge!("dccsign_dsc_usage_seconds_left", "kid" => s.dsc.dsc.kid_hex())
+                    .set(left as f64);
+                if left < 30 * 86_400 {
+                    tracing::warn!(kid = %s.dsc.dsc.kid_hex(), label = %s.dsc.key.label,
+                        seconds_left = left, "DSC private key usage period ends within a month: activate a successor");
+                }
+            }
             let sig = self
                 .pool()
                 .sign(&s.dsc.key, digest)
@@ -292,7 +304,7 @@ impl Issuer {
         now: OffsetDateTime,
     ) -> Result<Issued, IssueError> {
         let dcc = self.validated(t, payload, now)?;
-        let signer = self.signer(t)?;
+        let signer = self.signer(t, now)?;
         let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
         let given = dcc.uvci().is_some();
         // A random UVCI that collides (vanishingly rare) is drawn again.
@@ -349,7 +361,7 @@ impl Issuer {
             return self.replay(t, payload, ctx, stored).await;
         }
         let mut dcc = self.validated(t, payload, now)?;
-        let signer = self.signer(t)?;
+        let signer = self.signer(t, now)?;
         let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
         if dcc.uvci().is_none() {
             dcc.set_uvci(self.derived_uvci(ctx).await?);
@@ -375,12 +387,16 @@ impl Issuer {
         Ok(dcc::validate(&json, Some(t), &self.settings.policy, now)?)
     }
 
-    fn signer(&self, t: CertType) -> Result<Arc<Signer>, IssueError> {
+    fn signer(&self, t: CertType, now: OffsetDateTime) -> Result<Arc<Signer>, IssueError> {
         let signer = self
             .signers()
             .get(&t)
             .cloned()
             .ok_or(IssueError::NoSigner(t))?;
+        // Never past the private key usage period.
+        if signer.dsc.usage_end.is_some_and(|end| now > end) {
+            return Err(IssueError::UsagePeriodOver(t));
+        }
         // DscSet::load refuses such a configuration; keep the check next to the signature.
         if !signer.dsc.dsc.allows(t) {
             return Err(IssueError::NoSigner(t));
@@ -541,6 +557,23 @@ impl Issuer {
             iat,
             exp,
         })
+    }
+}
+
+impl crate::keys::SignerSwitch for Issuer {
+    fn switch_to(&self, dsc: Arc<ActiveDsc>) {
+        let mut guard = self.signers.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**guard).clone();
+        let signer = Arc::new(Signer {
+            header: ProtectedHeader::es256(dsc.dsc.kid),
+            dsc: dsc.clone(),
+        });
+        for t in &dsc.types {
+            next.insert(*t, signer.clone());
+        }
+        *guard = Arc::new(next);
+        tracing::warn!(kid = %dsc.dsc.kid_hex(), label = %dsc.key.label,
+            types = ?dsc.types, "signer switched: new requests of these types use this DSC");
     }
 }
 

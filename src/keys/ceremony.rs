@@ -13,7 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::{json, Value};
 use x509_cert::Certificate;
 
-use super::dsc::Dsc;
+use super::dsc::{ActiveDsc, Dsc, SignerSwitch};
 use super::state::KeyState;
 use crate::audit::{self, Record};
 use crate::config::{Config, Environment};
@@ -243,6 +243,8 @@ pub struct ManagedKey {
     pub label: String,
     /// `CKA_ID`.
     pub key_id: Vec<u8>,
+    /// `dsc` (signs certificates) or `upload` (signs EU gateway packages).
+    pub role: String,
     /// Certificate types it is for.
     pub types: Vec<CertType>,
     /// Where it is in its life.
@@ -259,6 +261,10 @@ pub struct ManagedKey {
     pub not_after: Option<i64>,
     /// When it was generated.
     pub created_at: i64,
+    /// When its upload package was made.
+    pub published_at: Option<i64>,
+    /// When it started signing.
+    pub activated_at: Option<i64>,
     /// End of the private key usage period (set at activation).
     pub usage_end: Option<i64>,
 }
@@ -291,6 +297,7 @@ pub struct KeyManager {
     db: Mutex<Connection>,
     token: Arc<Token>,
     settings: KeySettings,
+    switch: Option<Arc<dyn SignerSwitch>>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -334,6 +341,7 @@ fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManagedKey> {
     Ok(ManagedKey {
         label: r.get("label")?,
         key_id: r.get("key_id")?,
+        role: r.get("role")?,
         types: parse_types(&r.get::<_, String>("types")?),
         state: state.parse().unwrap_or(KeyState::Destroyed),
         public_key: r.get("public_key")?,
@@ -342,6 +350,8 @@ fn row_to_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManagedKey> {
         not_before: r.get("not_before")?,
         not_after: r.get("not_after")?,
         created_at: r.get("created_at")?,
+        published_at: r.get("published_at")?,
+        activated_at: r.get("activated_at")?,
         usage_end: r.get("usage_end")?,
     })
 }
@@ -393,7 +403,40 @@ impl KeyManager {
             db: Mutex::new(conn),
             token,
             settings,
+            switch: None,
         })
+    }
+
+    /// Activation will switch `switch`'s signers (the issuer's).
+    pub fn with_switch(mut self, switch: Arc<dyn SignerSwitch>) -> Self {
+        self.switch = Some(switch);
+        self
+    }
+
+    /// The active managed DSCs, ready to sign (for the issuer at start-up).
+    pub fn active_signers(&self) -> Result<Vec<Arc<ActiveDsc>>, KeyOpError> {
+        self.list()?
+            .into_iter()
+            .filter(|k| k.role == "dsc" && k.state == KeyState::Active)
+            .map(|k| self.active_dsc(&k))
+            .collect()
+    }
+
+    fn active_dsc(&self, k: &ManagedKey) -> Result<Arc<ActiveDsc>, KeyOpError> {
+        let der = k.certificate.as_deref().unwrap_or_default();
+        let dsc = Dsc::from_der(&k.label, der).map_err(|e| KeyOpError::State {
+            label: k.label.clone(),
+            message: format!("its stored certificate is unusable: {e}"),
+        })?;
+        let key = self.token.find_key(&k.label)?;
+        Ok(Arc::new(ActiveDsc {
+            dsc,
+            key,
+            types: k.types.clone(),
+            usage_end: k
+                .usage_end
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok()),
+        }))
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -482,20 +525,26 @@ impl KeyManager {
         &self,
         officer: &str,
         label: &str,
+        role: &str,
         types: &[CertType],
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let params = json!({"label": label, "types": types_str(types)});
+        let params = json!({"label": label, "role": role, "types": types_str(types)});
         let checked = valid_label(label)
-            .and_then(|_| {
-                if types.is_empty() {
-                    Err(KeyOpError::Invalid {
-                        field: "types",
-                        message: "name at least one of test, vaccination, recovery".into(),
-                    })
-                } else {
-                    Ok(())
-                }
+            .and_then(|_| match (role, types.is_empty()) {
+                ("dsc", false) | ("upload", true) => Ok(()),
+                ("dsc", true) => Err(KeyOpError::Invalid {
+                    field: "types",
+                    message: "a DSC names at least one of test, vaccination, recovery".into(),
+                }),
+                ("upload", false) => Err(KeyOpError::Invalid {
+                    field: "types",
+                    message: "an upload key signs no certificates: give no types".into(),
+                }),
+                _ => Err(KeyOpError::Invalid {
+                    field: "role",
+                    message: "must be dsc or upload".into(),
+                }),
             })
             .and_then(|_| self.label_is_new(label));
         if let Err(e) = checked {
@@ -580,6 +629,7 @@ impl KeyManager {
         };
         match op.operation.as_str() {
             "keys.generate" => self.execute_generate(&op, officer, now),
+            "keys.activate" => self.execute_activate(&op, officer, now),
             other => Err(KeyOpError::Invalid {
                 field: "operation",
                 message: format!("unknown operation kind {other}"),
@@ -598,6 +648,7 @@ impl KeyManager {
             .unwrap_or_default()
             .to_string();
         let types = parse_types(op.parameters["types"].as_str().unwrap_or_default());
+        let role = op.parameters["role"].as_str().unwrap_or("dsc").to_string();
         // The label may have been taken since the request.
         if let Err(e) = self.label_is_new(&label) {
             return Err(self.refused(approver, "keys.generate", op.parameters.clone(), e, now));
@@ -618,8 +669,8 @@ impl KeyManager {
             |tx| {
                 tx.execute(
                     "INSERT INTO managed_keys (label, key_id, role, types, state, public_key, created_at)
-                     VALUES (?1, ?2, 'dsc', ?3, 'generated', ?4, ?5)",
-                    params![label, key.id, types_str(&types), public, now],
+                     VALUES (?1, ?2, ?3, ?4, 'generated', ?5, ?6)",
+                    params![label, key.id, role, types_str(&types), public, now],
                 )?;
                 tx.execute(
                     "UPDATE operations SET state = 'executed', approver = ?2, executed_at = ?3, result = ?4
@@ -753,6 +804,191 @@ impl KeyManager {
         self.key(label)
     }
 
+    /// Builds the EU gateway upload package of a certified DSC (base64 of CMS SignedData signed
+    /// by the certified upload key); the DSC becomes `published`.
+    pub fn publish(&self, officer: &str, label: &str, now: i64) -> Result<String, KeyOpError> {
+        use base64::Engine;
+        let params = json!({"label": label});
+        let built = self.upload_package(label);
+        let package = match built {
+            Ok(p) => p,
+            Err(e) => return Err(self.refused(officer, "keys.publish", params, e, now)),
+        };
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&package);
+        let result = format!(
+            "ok: published, package sha256 {}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&package))
+        );
+        self.audited(
+            Record {
+                officer,
+                operation: "keys.publish",
+                parameters: params,
+                approvals: &[],
+                result: &result,
+            },
+            now,
+            |tx| {
+                tx.execute(
+                    "UPDATE managed_keys SET state = 'published', published_at = ?2
+                     WHERE label = ?1 AND state = 'certified'",
+                    params![label, now],
+                )?;
+                Ok(())
+            },
+        )?;
+        Ok(b64)
+    }
+
+    fn upload_package(&self, label: &str) -> Result<Vec<u8>, KeyOpError> {
+        let k = self.key(label)?;
+        if k.role != "dsc" {
+            return Err(KeyOpError::Invalid {
+                field: "label",
+                message: "only DSCs are published; the upload key signs the package".into(),
+            });
+        }
+        k.state
+            .check(KeyState::Published)
+            .map_err(|message| KeyOpError::State {
+                label: label.into(),
+                message,
+            })?;
+        let upload = self
+            .list()?
+            .into_iter()
+            .find(|u| u.role == "upload" && u.state == KeyState::Certified)
+            .ok_or_else(|| KeyOpError::State {
+                label: label.into(),
+                message: "no certified upload key: generate one with --role upload, then csr and import-cert".into(),
+            })?;
+        let upload_cert = Certificate::from_der(upload.certificate.as_deref().unwrap_or_default())
+            .map_err(|e| KeyOpError::Database(format!("stored upload certificate: {e}")))?;
+        let handle = self.token.find_key(&upload.label)?;
+        super::publish::signed_data(
+            &self.token,
+            &handle,
+            &upload_cert,
+            k.certificate.as_deref().unwrap_or_default(),
+        )
+        .map_err(|e| KeyOpError::Hsm(HsmError::Wrapper(e.to_string())))
+    }
+
+    /// Two-person: asks to activate a published DSC once the propagation delay has passed.
+    pub fn request_activate(
+        &self,
+        officer: &str,
+        label: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let params = json!({"label": label});
+        if let Err(e) = self.activatable(label, now) {
+            return Err(self.refused(officer, "keys.activate", params, e, now));
+        }
+        self.request(officer, "keys.activate", params, now)
+    }
+
+    fn activatable(&self, label: &str, now: i64) -> Result<ManagedKey, KeyOpError> {
+        let k = self.key(label)?;
+        k.state
+            .check(KeyState::Active)
+            .map_err(|message| KeyOpError::State {
+                label: label.into(),
+                message,
+            })?;
+        let from = k.published_at.unwrap_or(now) + self.settings.propagation_delay.whole_seconds();
+        if now < from {
+            return Err(KeyOpError::State {
+                label: label.into(),
+                message: format!(
+                    "published {} s ago; verifiers need the propagation delay of {} h: activation is allowed from {}",
+                    now - k.published_at.unwrap_or(now),
+                    self.settings.propagation_delay.whole_hours(),
+                    time::OffsetDateTime::from_unix_timestamp(from)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        Ok(k)
+    }
+
+    fn execute_activate(
+        &self,
+        op: &Operation,
+        approver: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let label = op.parameters["label"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let k = match self.activatable(&label, now) {
+            Ok(k) => k,
+            Err(e) => {
+                return Err(self.refused(approver, "keys.activate", op.parameters.clone(), e, now))
+            }
+        };
+        let mut active = k.clone();
+        active.usage_end = Some(now + self.settings.usage_period.whole_seconds());
+        let signer = self.active_dsc(&active)?;
+        // Predecessors whose every type the new key takes over stop signing: retired.
+        let predecessors: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|o| {
+                o.role == "dsc"
+                    && o.state == KeyState::Active
+                    && o.types.iter().all(|t| k.types.contains(t))
+            })
+            .map(|o| o.label)
+            .collect();
+        let approvals = vec![approver.to_string()];
+        let result = format!(
+            "ok: active until {}; retired: [{}]",
+            active.usage_end.unwrap_or_default(),
+            predecessors.join(", ")
+        );
+        self.audited(
+            Record {
+                officer: &op.requester,
+                operation: "keys.activate",
+                parameters: op.parameters.clone(),
+                approvals: &approvals,
+                result: &result,
+            },
+            now,
+            |tx| {
+                for p in &predecessors {
+                    tx.execute(
+                        "UPDATE managed_keys SET state = 'retired', retired_at = ?2 WHERE label = ?1",
+                        params![p, now],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE managed_keys SET state = 'active', activated_at = ?2, usage_end = ?3
+                     WHERE label = ?1 AND state = 'published'",
+                    params![label, now, active.usage_end],
+                )?;
+                tx.execute(
+                    "UPDATE operations SET state = 'executed', approver = ?2, executed_at = ?3, result = ?4
+                     WHERE id = ?1 AND state = 'pending'",
+                    params![op.id, approver, now, result],
+                )?;
+                Ok(())
+            },
+        )?;
+        // Durable and audited: now new requests of these types go to the new key.
+        if let Some(s) = &self.switch {
+            s.switch_to(signer);
+        }
+        let mut done = op.clone();
+        done.state = "executed".into();
+        done.approver = Some(approver.into());
+        done.result = Some(result);
+        Ok(done)
+    }
+
     /// Every check of `import-cert`, in order; the first failure is returned.
     fn check_certificate(
         &self,
@@ -822,7 +1058,7 @@ impl KeyManager {
             v.sort();
             v
         });
-        if got.as_ref() != Some(&want) {
+        if key.role == "dsc" && got.as_ref() != Some(&want) {
             return Err(refuse(
                 "2-60-7013",
                 format!(

@@ -94,6 +94,16 @@ pub struct ActiveDsc {
     pub key: KeyHandle,
     /// The types it is configured to sign.
     pub types: Vec<CertType>,
+    /// End of its private key usage period (managed keys; configured DSCs have none).
+    pub usage_end: Option<OffsetDateTime>,
+}
+
+/// Switches the signer of some types to another DSC, atomically for new requests (requests in
+/// flight finish with the key they started with). Implemented by the issuer; called by key
+/// activation.
+pub trait SignerSwitch: Send + Sync {
+    /// From now on `dsc` signs its types.
+    fn switch_to(&self, dsc: Arc<ActiveDsc>);
 }
 
 /// The configured DSCs, by type.
@@ -141,6 +151,7 @@ impl DscSet {
                 dsc,
                 key,
                 types: d.types.clone(),
+                usage_end: None,
             });
             for t in &d.types {
                 by_type.insert(*t, active.clone());

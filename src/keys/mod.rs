@@ -8,6 +8,7 @@ mod ceremony;
 mod certificate;
 mod dev;
 mod dsc;
+mod publish;
 mod state;
 mod tls;
 
@@ -16,7 +17,8 @@ pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProf
 pub use dev::{
     dev_client_cert, dev_init, dev_sign_csr, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL,
 };
-pub use dsc::{ActiveDsc, Dsc, DscSet};
+pub use dsc::{ActiveDsc, Dsc, DscSet, SignerSwitch};
+pub use publish::signed_data;
 pub use state::KeyState;
 pub use tls::{dev_identity, issue_tls_leaf, TlsRole, DEV_IDENTITY_PREFIX};
 
