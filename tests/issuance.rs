@@ -70,6 +70,9 @@ impl Ledger for FlakyLedger {
     fn counts(&self) -> Result<LedgerCounts, LedgerError> {
         self.inner.counts()
     }
+    fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, LedgerError> {
+        self.inner.last_expiry(kid)
+    }
     fn check_writable(&self) -> Result<(), LedgerError> {
         self.inner.check_writable()
     }

@@ -611,3 +611,134 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert_eq!(common::error_detail(&e).code, "2-60-5010");
 }
+
+fn private_key_labels(d: &Daemon) -> String {
+    let pin = std::fs::read_to_string(d.dev.file("secrets/user.pin")).unwrap();
+    let list = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", d.dev.file("softhsm2.conf"))
+        .args([
+            "--module",
+            dccsign::hsm::SOFTHSM_MODULE,
+            "--token-label",
+            "dccsign-dev",
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--list-objects",
+            "--type",
+            "privkey",
+        ])
+        .output()
+        .unwrap();
+    assert!(list.status.success(), "{}", stderr(&list));
+    stdout(&list)
+}
+
+fn trust_list(d: &Daemon) -> serde_json::Value {
+    let out = d.dev.file("trust.json");
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    ok(d.dev.run(&[
+        "trust-list",
+        "--state-dir",
+        &dir,
+        "--addr",
+        &d.addr,
+        "--as",
+        "officer-2",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap()
+}
+
+fn kids(list: &serde_json::Value, state: &str) -> Vec<String> {
+    list["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == state)
+        .map(|c| c["kid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn retire_then_destroy_with_the_trust_list_following_the_ledger() {
+    use base64::Engine;
+    let d = Daemon::start();
+    upload_key(&d, "upload-1");
+    certified(&d, "dsc-r", "recovery");
+    activate(&d, "dsc-r");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let issue = |rid: &str| {
+        let mut p = d.dev.example("recovery");
+        p["r"][0].as_object_mut().unwrap().remove("ci");
+        rt.block_on(async {
+            let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+            c.issue(common::issue_request("recovery", &p, rid)).await
+        })
+    };
+    let kid = issue("r-1").unwrap().into_inner().kid;
+    let kid_b64 = base64::engine::general_purpose::STANDARD.encode(&kid);
+    let list = trust_list(&d);
+    assert!(kids(&list, "active").contains(&kid_b64), "{list}");
+    // The configured recovery DSC was superseded and signed nothing: not listed.
+    assert_eq!(list["certificates"].as_array().unwrap().len(), 3, "{list}");
+
+    // Retire (two-person): it signs nothing more, and stays trusted while its certificate is valid.
+    let op = ok(keys(&d, "officer-1", &["retire", "dsc-r"]));
+    refused(keys(&d, "officer-1", &["approve", op.trim()]), "2-60-7004");
+    ok(keys(&d, "officer-2", &["approve", op.trim()]));
+    let e = issue("r-2").unwrap_err();
+    assert_eq!(common::error_detail(&e).code, "2-60-5001", "{e}");
+    let list = trust_list(&d);
+    assert!(kids(&list, "retired").contains(&kid_b64), "{list}");
+
+    // Destroy: a dry run reports and does nothing; without force it is refused.
+    let dry = keys(&d, "officer-1", &["destroy", "dsc-r"]);
+    assert!(dry.status.success());
+    assert!(
+        stderr(&dry).contains("valid until") && stderr(&dry).contains("dry run"),
+        "{}",
+        stderr(&dry)
+    );
+    refused(
+        keys(&d, "officer-1", &["destroy", "dsc-r", "--execute"]),
+        "2-60-7003",
+    );
+    let has_key = |d: &Daemon| {
+        private_key_labels(d)
+            .lines()
+            .any(|l| l.trim() == "label:      dsc-r")
+    };
+    assert!(has_key(&d));
+    // Forced with a reason, approved by the second officer: the private key leaves the token.
+    let op = ok(keys(
+        &d,
+        "officer-1",
+        &[
+            "destroy",
+            "dsc-r",
+            "--execute",
+            "--force",
+            "--reason",
+            "compromise drill",
+        ],
+    ));
+    ok(keys(&d, "officer-2", &["approve", op.trim()]));
+    assert!(!has_key(&d), "{}", private_key_labels(&d));
+    let list = ok(keys(&d, "officer-2", &["list", "--json"]));
+    assert!(list.contains("\"destroyed\""), "{list}");
+    // Its certificate stays in the trust list until what it signed expires.
+    assert!(kids(&trust_list(&d), "retired").contains(&kid_b64));
+    // The audit log records the forced destruction with its reason, and is intact.
+    let conn = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let n: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM audit WHERE operation LIKE 'keys.destroy%' AND parameters LIKE '%compromise drill%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 3, "request, start, result");
+    assert!(audit_verify(&d).status.success());
+}

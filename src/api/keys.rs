@@ -246,4 +246,52 @@ impl pb::keys_server::Keys for KeysService {
             .await?;
         Ok(Response::new(op_info(op)))
     }
+
+    async fn retire(
+        &self,
+        req: Request<pb::RetireRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let label = req.into_inner().label;
+        let op = self
+            .run(move |m, now| m.request_retire(&officer, &label, now))
+            .await?;
+        Ok(Response::new(op_info(op)))
+    }
+
+    async fn destroy(
+        &self,
+        req: Request<pb::DestroyRequest>,
+    ) -> Result<Response<pb::DestroyResponse>, Status> {
+        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let r = req.into_inner();
+        let out = self
+            .run(move |m, now| {
+                let (report, allowed) = m.destroy_report(&r.label, now)?;
+                let operation = if r.execute {
+                    let reason = Some(r.force_reason.as_str()).filter(|s| !s.is_empty());
+                    Some(op_info(m.request_destroy(&officer, &r.label, reason, now)?))
+                } else {
+                    None
+                };
+                Ok(pb::DestroyResponse {
+                    report,
+                    allowed,
+                    operation,
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn trust_list(
+        &self,
+        req: Request<pb::TrustListRequest>,
+    ) -> Result<Response<pb::TrustListResponse>, Status> {
+        self.authz.authorize(&req, Service::Keys, "")?;
+        let v = self.run(|m, now| m.trust_list(now)).await?;
+        Ok(Response::new(pb::TrustListResponse {
+            json: serde_json::to_string_pretty(&v).unwrap_or_default(),
+        }))
+    }
 }

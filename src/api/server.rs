@@ -157,7 +157,8 @@ pub async fn serve(
             .map_err(|e| ServeError::Config(e.to_string()))?,
     )
     .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?
-    .with_switch(issuer.clone());
+    .with_switch(issuer.clone())
+    .with_ledger(issuer.ledger().clone());
     // Managed DSCs activated by officers take over their types from the configured ones.
     for dsc in manager
         .active_signers()

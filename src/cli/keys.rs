@@ -67,12 +67,55 @@ enum KeysCommand {
         /// Key label.
         label: String,
     },
+    /// Ask to retire an active DSC (two-person): it signs nothing more.
+    Retire {
+        /// Key label.
+        label: String,
+    },
+    /// Destroy a retired DSC's private key: a dry run unless --execute (then two-person).
+    Destroy {
+        /// Key label.
+        label: String,
+        /// Ask for the destruction (a second officer approves).
+        #[arg(long)]
+        execute: bool,
+        /// Destroy although certificates it signed are still valid (with --reason).
+        #[arg(long, requires = "reason")]
+        force: bool,
+        /// Why, recorded in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The trust list for verifiers (JSON): active DSCs and retired ones still needed.
+    TrustList {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Keys and their state.
     List {
         /// JSON on standard output.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Arguments of the top-level `trust-list` (same as `keys trust-list`).
+#[derive(clap::Args, Debug)]
+pub struct TrustListArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Runs `trust-list`.
+pub fn trust_list(args: TrustListArgs) -> ExitCode {
+    keys(KeysArgs {
+        client: args.client,
+        command: KeysCommand::TrustList { out: args.out },
+    })
 }
 
 /// Runs `keys`.
@@ -150,6 +193,41 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
                         .into_inner();
                     eprintln!("pending: a second officer runs `dccsign keys approve {}`", o.id);
                     println!("{}", o.id);
+                }
+                KeysCommand::Retire { label } => {
+                    let o = c.retire(pb::RetireRequest { label }).await?.into_inner();
+                    eprintln!("pending: a second officer runs `dccsign keys approve {}`", o.id);
+                    println!("{}", o.id);
+                }
+                KeysCommand::Destroy {
+                    label,
+                    execute,
+                    force,
+                    reason,
+                } => {
+                    let r = c
+                        .destroy(pb::DestroyRequest {
+                            label,
+                            execute,
+                            force_reason: if force { reason.unwrap_or_default() } else { String::new() },
+                        })
+                        .await?
+                        .into_inner();
+                    eprintln!("{}", r.report);
+                    match r.operation {
+                        Some(o) => {
+                            eprintln!("pending: a second officer runs `dccsign keys approve {}`", o.id);
+                            println!("{}", o.id);
+                        }
+                        None => eprintln!("dry run: nothing was done (add --execute)"),
+                    }
+                }
+                KeysCommand::TrustList { out } => {
+                    let r = c.trust_list(pb::TrustListRequest {}).await?.into_inner();
+                    std::fs::write(&out, r.json).map_err(|e| {
+                        tonic::Status::internal(format!("{}: {e}", out.display()))
+                    })?;
+                    eprintln!("wrote {}", out.display());
                 }
                 KeysCommand::Pending => {
                     let r = c.list_pending(pb::ListPendingRequest {}).await?.into_inner();

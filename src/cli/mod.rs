@@ -93,6 +93,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// The audit log of key operations.
     Audit(keys::AuditArgs),
+    /// Write the trust list for verifiers: active DSCs and retired ones still needed (officer).
+    TrustList(keys::TrustListArgs),
     /// Development CSCA operator: certify a CSR as a DSC with the development CSCA; prints PEM.
     DevSignCsr {
         /// State directory written by `dev-init`.
@@ -155,6 +157,7 @@ pub fn run() -> ExitCode {
         Command::Load(args) => load::run(args),
         Command::Keys(a) => keys::keys(a),
         Command::Audit(a) => keys::audit(a),
+        Command::TrustList(a) => keys::trust_list(a),
         Command::DevSignCsr {
             state_dir,
             csr,

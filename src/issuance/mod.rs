@@ -575,6 +575,14 @@ impl crate::keys::SignerSwitch for Issuer {
         tracing::warn!(kid = %dsc.dsc.kid_hex(), label = %dsc.key.label,
             types = ?dsc.types, "signer switched: new requests of these types use this DSC");
     }
+
+    fn withdraw(&self, label: &str) {
+        let mut guard = self.signers.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**guard).clone();
+        next.retain(|_, s| s.dsc.key.label != label);
+        *guard = Arc::new(next);
+        tracing::warn!(label = %label, "signer withdrawn: it signs nothing more");
+    }
 }
 
 /// SHA-256 over the type, the payload kind and the payload bytes as received.

@@ -19,6 +19,7 @@ use crate::audit::{self, Record};
 use crate::config::{Config, Environment};
 use crate::dcc::CertType;
 use crate::hsm::{HsmError, KeyHandle, Token, TokenSigner};
+use crate::ledger::Ledger;
 
 /// Why a key operation was refused or failed. Each variant has a stable code.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +176,10 @@ pub struct KeySettings {
     pub operation_ttl: time::Duration,
     /// DSCs configured statically (`[[dsc]]`): label and kid, for kid collisions.
     pub configured: Vec<(String, [u8; 8])>,
+    /// The same DSCs with their certificates and types, for the trust list.
+    pub configured_dscs: Vec<(Dsc, Vec<CertType>)>,
+    /// Issuing country (trust list).
+    pub country: String,
 }
 
 fn ext<'a>(cert: &'a Certificate, oid: &str) -> Option<&'a [u8]> {
@@ -219,10 +224,12 @@ impl KeySettings {
             });
         }
         let mut configured = Vec::new();
+        let mut configured_dscs = Vec::new();
         for d in &cfg.dscs {
             let path = cfg.resolve(&d.certificate);
             if let Ok(dsc) = Dsc::from_pem_file(&d.key, &path) {
                 configured.push((d.key.clone(), dsc.kid));
+                configured_dscs.push((dsc, d.types.clone()));
             }
         }
         Ok(KeySettings {
@@ -232,6 +239,8 @@ impl KeySettings {
             usage_period: time::Duration::days(cfg.keys.usage_period_days.into()),
             operation_ttl: time::Duration::hours(cfg.keys.operation_ttl_hours.into()),
             configured,
+            configured_dscs,
+            country: cfg.issuer.country.clone(),
         })
     }
 }
@@ -298,6 +307,7 @@ pub struct KeyManager {
     token: Arc<Token>,
     settings: KeySettings,
     switch: Option<Arc<dyn SignerSwitch>>,
+    ledger: Option<Arc<dyn Ledger>>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -404,7 +414,24 @@ impl KeyManager {
             token,
             settings,
             switch: None,
+            ledger: None,
         })
+    }
+
+    /// Destroy and the trust list ask `ledger` when a DSC's last certificate expires.
+    pub fn with_ledger(mut self, ledger: Arc<dyn Ledger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The latest expiry of what `kid` signed (from the ledger).
+    pub fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, KeyOpError> {
+        match &self.ledger {
+            Some(l) => l
+                .last_expiry(kid)
+                .map_err(|e| KeyOpError::Database(format!("ledger: {e}"))),
+            None => Err(KeyOpError::Database("no ledger to ask".into())),
+        }
     }
 
     /// Activation will switch `switch`'s signers (the issuer's).
@@ -630,6 +657,8 @@ impl KeyManager {
         match op.operation.as_str() {
             "keys.generate" => self.execute_generate(&op, officer, now),
             "keys.activate" => self.execute_activate(&op, officer, now),
+            "keys.retire" => self.execute_retire(&op, officer, now),
+            "keys.destroy" => self.execute_destroy(&op, officer, now),
             other => Err(KeyOpError::Invalid {
                 field: "operation",
                 message: format!("unknown operation kind {other}"),
@@ -655,43 +684,22 @@ impl KeyManager {
         }
         let key: KeyHandle = self.token.generate_p256(&label)?;
         let public = p256::EncodedPoint::from(key.public_key).as_bytes().to_vec();
-        let approvals = vec![approver.to_string()];
         let result = format!("ok: generated, key id {}", hex::encode(&key.id));
-        let written = self.audited(
-            Record {
-                officer: &op.requester,
-                operation: "keys.generate",
-                parameters: op.parameters.clone(),
-                approvals: &approvals,
-                result: &result,
-            },
-            now,
-            |tx| {
-                tx.execute(
-                    "INSERT INTO managed_keys (label, key_id, role, types, state, public_key, created_at)
-                     VALUES (?1, ?2, ?3, ?4, 'generated', ?5, ?6)",
-                    params![label, key.id, role, types_str(&types), public, now],
-                )?;
-                tx.execute(
-                    "UPDATE operations SET state = 'executed', approver = ?2, executed_at = ?3, result = ?4
-                     WHERE id = ?1 AND state = 'pending'",
-                    params![op.id, approver, now, result],
-                )?;
-                Ok(())
-            },
-        );
-        if let Err(e) = written {
+        let written = self.finish(op, approver, now, &result, |tx| {
+            tx.execute(
+                "INSERT INTO managed_keys (label, key_id, role, types, state, public_key, created_at)
+                 VALUES (?1, ?2, ?3, ?4, 'generated', ?5, ?6)",
+                params![label, key.id, role, types_str(&types), public, now],
+            )?;
+            Ok(())
+        });
+        if written.is_err() {
             // No audit entry, no key: undo the HSM effect.
             if let Err(d) = self.token.destroy_key_pair(&key) {
                 tracing::error!(label = %label, error = %d, "could not remove a key whose audit entry failed");
             }
-            return Err(e);
         }
-        let mut done = op.clone();
-        done.state = "executed".into();
-        done.approver = Some(approver.into());
-        done.result = Some(result);
-        Ok(done)
+        written
     }
 
     /// A PKCS#10 request for a generated key, signed inside the token (PEM).
@@ -943,33 +951,74 @@ impl KeyManager {
             })
             .map(|o| o.label)
             .collect();
-        let approvals = vec![approver.to_string()];
         let result = format!(
             "ok: active until {}; retired: [{}]",
             active.usage_end.unwrap_or_default(),
             predecessors.join(", ")
         );
+        let done = self.finish(op, approver, now, &result, |tx| {
+            for p in &predecessors {
+                tx.execute(
+                    "UPDATE managed_keys SET state = 'retired', retired_at = ?2 WHERE label = ?1",
+                    params![p, now],
+                )?;
+            }
+            tx.execute(
+                "UPDATE managed_keys SET state = 'active', activated_at = ?2, usage_end = ?3
+                 WHERE label = ?1 AND state = 'published'",
+                params![label, now, active.usage_end],
+            )?;
+            Ok(())
+        })?;
+        // Durable and audited: now new requests of these types go to the new key.
+        if let Some(s) = &self.switch {
+            s.switch_to(signer);
+        }
+        Ok(done)
+    }
+
+    /// Two-person: asks to retire an active DSC (it signs nothing more).
+    pub fn request_retire(
+        &self,
+        officer: &str,
+        label: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let params = json!({"label": label});
+        let checked = self.key(label).and_then(|k| {
+            k.state
+                .check(KeyState::Retired)
+                .map_err(|message| KeyOpError::State {
+                    label: label.into(),
+                    message,
+                })
+        });
+        if let Err(e) = checked {
+            return Err(self.refused(officer, "keys.retire", params, e, now));
+        }
+        self.request(officer, "keys.retire", params, now)
+    }
+
+    fn finish(
+        &self,
+        op: &Operation,
+        approver: &str,
+        now: i64,
+        result: &str,
+        update: impl FnOnce(&Transaction<'_>) -> Result<(), KeyOpError>,
+    ) -> Result<Operation, KeyOpError> {
+        let approvals = vec![approver.to_string()];
         self.audited(
             Record {
                 officer: &op.requester,
-                operation: "keys.activate",
+                operation: &op.operation,
                 parameters: op.parameters.clone(),
                 approvals: &approvals,
-                result: &result,
+                result,
             },
             now,
             |tx| {
-                for p in &predecessors {
-                    tx.execute(
-                        "UPDATE managed_keys SET state = 'retired', retired_at = ?2 WHERE label = ?1",
-                        params![p, now],
-                    )?;
-                }
-                tx.execute(
-                    "UPDATE managed_keys SET state = 'active', activated_at = ?2, usage_end = ?3
-                     WHERE label = ?1 AND state = 'published'",
-                    params![label, now, active.usage_end],
-                )?;
+                update(tx)?;
                 tx.execute(
                     "UPDATE operations SET state = 'executed', approver = ?2, executed_at = ?3, result = ?4
                      WHERE id = ?1 AND state = 'pending'",
@@ -978,15 +1027,219 @@ impl KeyManager {
                 Ok(())
             },
         )?;
-        // Durable and audited: now new requests of these types go to the new key.
-        if let Some(s) = &self.switch {
-            s.switch_to(signer);
-        }
         let mut done = op.clone();
         done.state = "executed".into();
         done.approver = Some(approver.into());
-        done.result = Some(result);
+        done.result = Some(result.to_string());
         Ok(done)
+    }
+
+    fn execute_retire(
+        &self,
+        op: &Operation,
+        approver: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let label = op.parameters["label"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let checked = self.key(&label).and_then(|k| {
+            k.state
+                .check(KeyState::Retired)
+                .map_err(|message| KeyOpError::State {
+                    label: label.clone(),
+                    message,
+                })
+        });
+        if let Err(e) = checked {
+            return Err(self.refused(approver, "keys.retire", op.parameters.clone(), e, now));
+        }
+        let done = self.finish(op, approver, now, "ok: retired", |tx| {
+            tx.execute(
+                "UPDATE managed_keys SET state = 'retired', retired_at = ?2 WHERE label = ?1",
+                params![label, now],
+            )?;
+            Ok(())
+        })?;
+        if let Some(s) = &self.switch {
+            s.withdraw(&label);
+        }
+        Ok(done)
+    }
+
+    /// What destroying `label` would do now: its state, the last expiry of what it signed, and
+    /// whether it is allowed without force.
+    pub fn destroy_report(&self, label: &str, now: i64) -> Result<(String, bool), KeyOpError> {
+        let k = self.key(label)?;
+        if let Err(message) = k.state.check(KeyState::Destroyed) {
+            return Ok((format!("{label}: {message}"), false));
+        }
+        let last = match k.kid {
+            Some(kid) => self.last_expiry(&kid)?,
+            None => None,
+        };
+        let fmt = |t: i64| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        };
+        Ok(match last {
+            Some(exp) if exp >= now => (
+                format!(
+                    "{label}: certificates it signed are valid until {}; destroying it now needs --force with a reason",
+                    fmt(exp)
+                ),
+                false,
+            ),
+            Some(exp) => (
+                format!("{label}: the last certificate it signed expired at {}; it may be destroyed", fmt(exp)),
+                true,
+            ),
+            None => (format!("{label}: it signed no certificate; it may be destroyed"), true),
+        })
+    }
+
+    /// Two-person: asks to destroy a retired DSC's private key; refused while certificates it
+    /// signed are valid, unless `force_reason` is given (recorded).
+    pub fn request_destroy(
+        &self,
+        officer: &str,
+        label: &str,
+        force_reason: Option<&str>,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let params =
+            json!({"label": label, "forced": force_reason.is_some(), "reason": force_reason});
+        let checked = self
+            .destroy_report(label, now)
+            .and_then(|(report, allowed)| {
+                let reason_ok = force_reason.is_some_and(|r| !r.trim().is_empty());
+                match (
+                    allowed,
+                    reason_ok,
+                    self.key(label)?.state == KeyState::Retired,
+                ) {
+                    (_, _, false) => Err(KeyOpError::State {
+                        label: label.into(),
+                        message: report,
+                    }),
+                    (true, _, true) | (false, true, true) => Ok(()),
+                    (false, false, true) => Err(KeyOpError::State {
+                        label: label.into(),
+                        message: report,
+                    }),
+                }
+            });
+        if let Err(e) = checked {
+            return Err(self.refused(officer, "keys.destroy", params, e, now));
+        }
+        self.request(officer, "keys.destroy", params, now)
+    }
+
+    fn execute_destroy(
+        &self,
+        op: &Operation,
+        approver: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let label = op.parameters["label"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let forced = op.parameters["forced"].as_bool().unwrap_or(false);
+        let checked = self
+            .destroy_report(&label, now)
+            .and_then(|(report, allowed)| {
+                if self.key(&label)?.state != KeyState::Retired || !(allowed || forced) {
+                    Err(KeyOpError::State {
+                        label: label.clone(),
+                        message: report,
+                    })
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = checked {
+            return Err(self.refused(approver, "keys.destroy", op.parameters.clone(), e, now));
+        }
+        // The intent is recorded before the irreversible step (fail closed).
+        let approvals = vec![approver.to_string()];
+        self.audited(
+            Record {
+                officer: &op.requester,
+                operation: "keys.destroy.start",
+                parameters: op.parameters.clone(),
+                approvals: &approvals,
+                result: "started",
+            },
+            now,
+            |_| Ok(()),
+        )?;
+        let handle = self.token.find_key(&label)?;
+        let removed = self.token.destroy_key_pair(&handle)?;
+        let result = format!("ok: destroyed ({removed} objects removed from the token)");
+        self.finish(op, approver, now, &result, |tx| {
+            tx.execute(
+                "UPDATE managed_keys SET state = 'destroyed', destroyed_at = ?2 WHERE label = ?1",
+                params![label, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The DSCs verifiers must trust now (JSON): active ones, and retired or superseded ones
+    /// until the last certificate they signed has expired (the ledger knows).
+    pub fn trust_list(&self, now: i64) -> Result<Value, KeyOpError> {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let managed = self.list()?;
+        let active_types: Vec<CertType> = managed
+            .iter()
+            .filter(|k| k.role == "dsc" && k.state == KeyState::Active)
+            .flat_map(|k| k.types.clone())
+            .collect();
+        let mut entries = Vec::new();
+        let mut push =
+            |kid: [u8; 8], der: &[u8], types: &[CertType], nb: i64, na: i64, state: &str| {
+                entries.push(json!({
+                    "kid": b64(&kid), "state": state, "types": types_str(types),
+                    "not_before": nb, "not_after": na, "certificate": b64(der),
+                }));
+            };
+        let still_valid = |kid: &[u8; 8]| -> Result<bool, KeyOpError> {
+            Ok(self.last_expiry(kid)?.is_some_and(|exp| exp >= now))
+        };
+        for (d, types) in &self.settings.configured_dscs {
+            let superseded = types.iter().all(|t| active_types.contains(t));
+            let (nb, na) = (d.not_before.unix_timestamp(), d.not_after.unix_timestamp());
+            if !superseded {
+                push(d.kid, &d.cert_der, types, nb, na, "active");
+            } else if still_valid(&d.kid)? {
+                push(d.kid, &d.cert_der, types, nb, na, "retired");
+            }
+        }
+        for k in managed.iter().filter(|k| k.role == "dsc") {
+            let (Some(kid), Some(der)) = (k.kid, k.certificate.as_deref()) else {
+                continue;
+            };
+            let (nb, na) = (
+                k.not_before.unwrap_or_default(),
+                k.not_after.unwrap_or_default(),
+            );
+            match k.state {
+                KeyState::Active => push(kid, der, &k.types, nb, na, "active"),
+                KeyState::Retired | KeyState::Destroyed if still_valid(&kid)? => {
+                    push(kid, der, &k.types, nb, na, "retired")
+                }
+                _ => {}
+            }
+        }
+        Ok(json!({
+            "country": self.settings.country,
+            "generated": now,
+            "certificates": entries,
+        }))
     }
 
     /// Every check of `import-cert`, in order; the first failure is returned.

@@ -104,6 +104,9 @@ pub struct ActiveDsc {
 pub trait SignerSwitch: Send + Sync {
     /// From now on `dsc` signs its types.
     fn switch_to(&self, dsc: Arc<ActiveDsc>);
+    /// From now on the key `label` signs nothing (its types have no signer until another
+    /// activation).
+    fn withdraw(&self, label: &str);
 }
 
 /// The configured DSCs, by type.

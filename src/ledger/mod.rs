@@ -172,6 +172,8 @@ pub trait Ledger: Send + Sync {
     ) -> Result<Option<CertificateRecord>, LedgerError>;
     /// Row counts.
     fn counts(&self) -> Result<LedgerCounts, LedgerError>;
+    /// The latest `exp` of the certificates a DSC signed (`None`: it signed nothing).
+    fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, LedgerError>;
     /// Whether the database accepts writes right now (health checks).
     fn check_writable(&self) -> Result<(), LedgerError>;
 }

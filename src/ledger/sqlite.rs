@@ -414,6 +414,15 @@ impl Ledger for SqliteLedger {
         Ok(counts)
     }
 
+    fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, LedgerError> {
+        // certificates_kid_exp makes this one index lookup.
+        let conn = self.conn();
+        let exp: Option<i64> = conn
+            .prepare_cached("SELECT max(exp) FROM certificates WHERE kid = ?1")?
+            .query_row(params![&kid[..]], |r| r.get(0))?;
+        Ok(exp)
+    }
+
     fn check_writable(&self) -> Result<(), LedgerError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
