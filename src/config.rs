@@ -118,6 +118,15 @@ pub struct KeysConfig {
     /// How long a pending two-person operation stays approvable, in hours (default 24).
     #[serde(default = "default_operation_ttl")]
     pub operation_ttl_hours: u32,
+    /// P-256 key in the token (label or `pkcs11:` URI) that signs audit checkpoints.
+    #[serde(default)]
+    pub audit_key: Option<String>,
+    /// Its public key (PEM), for `dccsign audit verify`.
+    #[serde(default)]
+    pub audit_public_key: Option<PathBuf>,
+    /// Seconds between signed audit checkpoints (default 3600).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_seconds: u64,
 }
 
 impl Default for KeysConfig {
@@ -129,6 +138,9 @@ impl Default for KeysConfig {
             propagation_delay_hours: default_propagation(),
             usage_period_days: default_usage_period(),
             operation_ttl_hours: default_operation_ttl(),
+            audit_key: None,
+            audit_public_key: None,
+            checkpoint_interval_seconds: default_checkpoint_interval(),
         }
     }
 }
@@ -144,6 +156,9 @@ fn default_usage_period() -> u32 {
 }
 fn default_operation_ttl() -> u32 {
     24
+}
+fn default_checkpoint_interval() -> u64 {
+    3600
 }
 
 /// Issuer identity.

@@ -315,7 +315,10 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
             "key not generated on the token:\n{block}"
         );
     }
-    assert_eq!(keys, 5, "expected CSCA, TLS CA and 3 DSC keys:\n{listing}");
+    assert_eq!(
+        keys, 6,
+        "expected CSCA, TLS CA, audit key and 3 DSC keys:\n{listing}"
+    );
     // The HMAC key for UVCIs: a secret key that never leaves the token either.
     let secret = std::process::Command::new("pkcs11-tool")
         .env("SOFTHSM2_CONF", dev.file("softhsm2.conf"))

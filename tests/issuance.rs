@@ -10,8 +10,8 @@ use dccsign::hsm::Token;
 use dccsign::issuance::{IssueError, Issuer, IssuerSettings, Payload};
 use dccsign::keys::DscSet;
 use dccsign::ledger::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, SqliteLedger, StoredRequest,
-    WriteReply,
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, SqliteLedger,
+    StoredRequest, WriteReply,
 };
 use dccsign::revocation::hash::RevocationHash;
 use sha2::{Digest, Sha256};
@@ -72,6 +72,9 @@ impl Ledger for FlakyLedger {
     }
     fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, LedgerError> {
         self.inner.last_expiry(kid)
+    }
+    fn recorded_since(&self, after: i64) -> Result<RecordedSince, LedgerError> {
+        self.inner.recorded_since(after)
     }
     fn check_writable(&self) -> Result<(), LedgerError> {
         self.inner.check_writable()

@@ -742,3 +742,76 @@ fn retire_then_destroy_with_the_trust_list_following_the_ledger() {
     assert_eq!(n, 3, "request, start, result");
     assert!(audit_verify(&d).status.success());
 }
+
+#[test]
+fn signed_checkpoints_catch_truncation_and_forgery() {
+    let mut d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replace(
+            "checkpoint_interval_seconds = 300",
+            "checkpoint_interval_seconds = 1",
+        );
+    });
+    generated(&d, "k-cp", "test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request("test", &test_payload(&d), "cp-1"))
+            .await
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(d.terminate().success());
+    let v = audit_verify(&d);
+    assert!(v.status.success(), "{}", stdout(&v));
+    let checkpoints: u32 = stdout(&v)
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(checkpoints >= 2, "{}", stdout(&v));
+    let conn = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    // A checkpoint counts the certificates recorded per DSC since the previous one.
+    let signed: Vec<String> = conn
+        .prepare("SELECT signed FROM audit_checkpoints")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let total: u64 = signed
+        .iter()
+        .map(|j| serde_json::from_str::<serde_json::Value>(j).unwrap())
+        .flat_map(|v| {
+            v["certificates_since_previous"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|n| n.as_u64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert_eq!(total, 1, "{signed:?}");
+    // Removing the newest entry (which no hash chain alone can notice) is caught by the
+    // checkpoint that covered it.
+    let last: i64 = conn
+        .query_row("SELECT max(seq) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("DELETE FROM audit WHERE seq = ?1", [last])
+        .unwrap();
+    let v = audit_verify(&d);
+    assert_eq!(v.status.code(), Some(3));
+    assert!(
+        stdout(&v).contains(&format!("entry {last}: missing")) && stdout(&v).contains("truncated"),
+        "{}",
+        stdout(&v)
+    );
+    // A checkpoint whose recorded counts were changed no longer verifies with the HSM's key.
+    conn.execute(
+        "UPDATE audit_checkpoints SET signed = replace(signed, ':1', ':9')",
+        [],
+    )
+    .unwrap();
+    let v = audit_verify(&d);
+    assert!(stdout(&v).contains("bad signature"), "{}", stdout(&v));
+}

@@ -159,6 +159,32 @@ pub async fn serve(
     .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?
     .with_switch(issuer.clone())
     .with_ledger(issuer.ledger().clone());
+    let manager = match &cfg.keys.audit_key {
+        Some(k) => {
+            let (label, _) = crate::hsm::KeyUri::resolve(k, token.label())?;
+            manager.with_audit_key(token.find_key(&label)?)
+        }
+        None => manager,
+    };
+    let manager = Arc::new(manager);
+    // Signed audit checkpoints: one at start, then periodically.
+    {
+        let manager = manager.clone();
+        let every = Duration::from_secs(cfg.keys.checkpoint_interval_seconds.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let m = manager.clone();
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                match tokio::task::spawn_blocking(move || m.checkpoint(now)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+                    Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
+                }
+            }
+        });
+    }
     // Managed DSCs activated by officers take over their types from the configured ones.
     for dsc in manager
         .active_signers()
@@ -170,7 +196,7 @@ pub async fn serve(
         issuer.clone(),
         authz.clone(),
         cfg.hsm.token.clone(),
-        Some(Arc::new(manager)),
+        Some(manager),
     ));
     let service = IssuanceService::new(
         issuer.clone(),

@@ -354,7 +354,25 @@ pub fn audit(args: AuditArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match dccsign::audit::verify(&conn, None) {
+    let key = match &cfg.keys.audit_public_key {
+        None => None,
+        Some(p) => {
+            use p256::pkcs8::DecodePublicKey;
+            let path = cfg.resolve(p);
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    p256::PublicKey::from_public_key_pem(&pem).map_err(|e| e.to_string())
+                }) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    eprintln!("error: audit public key {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    match dccsign::audit::verify(&conn, key.as_ref()) {
         Ok(v) => match v.problem {
             None => {
                 println!(

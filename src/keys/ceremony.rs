@@ -146,6 +146,21 @@ CREATE TABLE operations (
 );
 "#];
 
+/// Signs checkpoints with the audit key inside the token.
+struct HsmCheckpointSigner<'a> {
+    token: &'a Token,
+    key: &'a KeyHandle,
+}
+
+impl audit::CheckpointSigner for HsmCheckpointSigner<'_> {
+    fn sign(&self, message: &[u8]) -> Result<[u8; 64], audit::AuditError> {
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(message).into();
+        self.token
+            .sign_digest(self.key, &digest)
+            .map_err(|e| audit::AuditError::Sign(e.to_string()))
+    }
+}
+
 /// A CSCA that may certify our DSCs.
 #[derive(Debug, Clone)]
 pub struct Csca {
@@ -308,6 +323,7 @@ pub struct KeyManager {
     settings: KeySettings,
     switch: Option<Arc<dyn SignerSwitch>>,
     ledger: Option<Arc<dyn Ledger>>,
+    audit_key: Option<KeyHandle>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -415,7 +431,52 @@ impl KeyManager {
             settings,
             switch: None,
             ledger: None,
+            audit_key: None,
         })
+    }
+
+    /// Checkpoints are signed by `key` (in the token).
+    pub fn with_audit_key(mut self, key: KeyHandle) -> Self {
+        self.audit_key = Some(key);
+        self
+    }
+
+    /// Writes a signed checkpoint: entry count and head hash, with the certificates recorded
+    /// per DSC since the previous checkpoint. `Ok(None)` when no audit key is configured.
+    pub fn checkpoint(&self, now: i64) -> Result<Option<i64>, KeyOpError> {
+        let Some(key) = &self.audit_key else {
+            return Ok(None);
+        };
+        let db = self.db();
+        let last: Option<String> = db
+            .query_row(
+                "SELECT signed FROM audit_checkpoints ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let after = last
+            .and_then(|j| serde_json::from_str::<Value>(&j).ok())
+            .and_then(|v| v["last_ledger_row"].as_i64())
+            .unwrap_or(0);
+        let (upto, per_kid) = match &self.ledger {
+            Some(l) => l
+                .recorded_since(after)
+                .map_err(|e| KeyOpError::Database(format!("ledger: {e}")))?,
+            None => (after, vec![]),
+        };
+        let counts: serde_json::Map<String, Value> = per_kid
+            .into_iter()
+            .map(|(kid, n)| (hex::encode(kid), json!(n)))
+            .collect();
+        let extra = json!({"last_ledger_row": upto, "certificates_since_previous": counts});
+        let signer = HsmCheckpointSigner {
+            token: &self.token,
+            key,
+        };
+        audit::checkpoint(&db, &signer, &extra, now)
+            .map(Some)
+            .map_err(|e| KeyOpError::Audit(e.to_string()))
     }
 
     /// Destroy and the trust list ask `ledger` when a DSC's last certificate expires.

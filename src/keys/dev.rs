@@ -25,6 +25,7 @@ pub const DEV_TOKEN_LABEL: &str = "dccsign-dev";
 const CSCA_LABEL: &str = "dev-csca";
 /// Label of the HMAC key for generated UVCIs.
 const UVCI_KEY_LABEL: &str = "uvci-hmac";
+const AUDIT_KEY_LABEL: &str = "audit-key";
 /// Label of the development TLS CA key.
 const TLS_CA_LABEL: &str = "dev-tls-ca";
 /// The client certificates `dev-init` creates: issuers and security officers.
@@ -283,6 +284,17 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
     // The TLS PKI of the daemon's mutual TLS.
     let tls_dir = pki.join("tls");
     std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
+    let audit_key = ensure_key(&token, AUDIT_KEY_LABEL, &mut created)?;
+    let audit_pem = pki.join("audit-key.pem");
+    if !audit_pem.exists() {
+        use p256::pkcs8::EncodePublicKey;
+        let pem = audit_key
+            .public_key
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .map_err(|e| KeysError::Build(e.to_string()))?;
+        write_new(&audit_pem, &pem)?;
+        created.push(format!("audit public key {}", audit_pem.display()));
+    }
     let tls_ca_key = ensure_key(&token, TLS_CA_LABEL, &mut created)?;
     let tls_ca_path = tls_dir.join("ca.pem");
     if !tls_ca_path.exists() {
@@ -381,6 +393,10 @@ propagation_delay_hours = 0
 usage_period_days = 183
 # How long a pending two-person operation waits for its second officer.
 operation_ttl_hours = 24
+# Audit checkpoints (entry count + head hash) signed by this key in the token.
+audit_key = "audit-key"
+audit_public_key = "pki/audit-key.pem"
+checkpoint_interval_seconds = 300
 [[keys.csca]]
 certificate = "pki/csca.pem"
 environment = "test"

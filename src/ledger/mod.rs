@@ -104,6 +104,9 @@ pub struct CertificateRecord {
     pub state: String,
 }
 
+/// Rows recorded since a given row: the last row id and the count per kid.
+pub type RecordedSince = (i64, Vec<([u8; 8], u64)>);
+
 /// Row counts by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LedgerCounts {
@@ -174,6 +177,8 @@ pub trait Ledger: Send + Sync {
     fn counts(&self) -> Result<LedgerCounts, LedgerError>;
     /// The latest `exp` of the certificates a DSC signed (`None`: it signed nothing).
     fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, LedgerError>;
+    /// Rows recorded after row `after_id`, per kid, and the last row id (audit checkpoints).
+    fn recorded_since(&self, after_id: i64) -> Result<RecordedSince, LedgerError>;
     /// Whether the database accepts writes right now (health checks).
     fn check_writable(&self) -> Result<(), LedgerError>;
 }

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RequestKey, Reservation,
-    ReservationId, StoredRequest, WriteReply,
+    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, RequestKey,
+    Reservation, ReservationId, StoredRequest, WriteReply,
 };
 use crate::dcc::CertType;
 use crate::revocation::hash::RevocationHash;
@@ -421,6 +421,30 @@ impl Ledger for SqliteLedger {
             .prepare_cached("SELECT max(exp) FROM certificates WHERE kid = ?1")?
             .query_row(params![&kid[..]], |r| r.get(0))?;
         Ok(exp)
+    }
+
+    fn recorded_since(&self, after_id: i64) -> Result<RecordedSince, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT kid, count(*), max(id) FROM certificates WHERE id > ?1 GROUP BY kid",
+        )?;
+        let mut last = after_id;
+        let mut per_kid = Vec::new();
+        let rows = stmt.query_map(params![after_id], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (kid, n, max) = row?;
+            last = last.max(max);
+            if let Ok(kid) = kid.try_into() {
+                per_kid.push((kid, n as u64));
+            }
+        }
+        Ok((last, per_kid))
     }
 
     fn check_writable(&self) -> Result<(), LedgerError> {
