@@ -533,6 +533,13 @@ fn publish_then_rotate_while_a_client_issues_continuously() {
         .unwrap();
     assert_eq!(k["state"], "active");
     assert_eq!(k["kid"].as_str().unwrap(), hex::encode(new));
+    // Every certificate signed after the switch is counted for the new key.
+    let after = kids.len() - switch;
+    assert_eq!(
+        k["certificates_signed"].as_u64().unwrap(),
+        after as u64,
+        "{k}"
+    );
     assert!(k["usage_seconds_left"].as_i64().unwrap() > 180 * 86_400);
     let hc1 = rt.block_on(async {
         let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());

@@ -91,6 +91,7 @@ fn key_info(token_label: &str, k: ManagedKey) -> pb::KeyInfo {
         managed: true,
         usage_end: k.usage_end.unwrap_or_default(),
         created_at: k.created_at,
+        certificates_signed: 0,
     }
 }
 
@@ -101,10 +102,10 @@ impl pb::keys_server::Keys for KeysService {
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let caller = self.authz.authorize(&req, Service::Keys, "")?;
-        let managed = if self.manager.is_some() {
-            self.run(|m, _| m.list()).await?
+        let (managed, counts) = if self.manager.is_some() {
+            self.run(|m, _| Ok((m.list()?, m.signed_counts()?))).await?
         } else {
-            vec![]
+            (vec![], Default::default())
         };
         let mut keys: Vec<pb::KeyInfo> = Vec::new();
         // Configured DSCs that sign now (a managed key that signs is listed with the managed).
@@ -137,9 +138,16 @@ impl pb::keys_server::Keys for KeysService {
                 managed: false,
                 usage_end: 0,
                 created_at: 0,
+                certificates_signed: counts.get(&d.dsc.kid).copied().unwrap_or(0),
             });
         }
-        keys.extend(managed.into_iter().map(|k| key_info(&self.token_label, k)));
+        keys.extend(managed.into_iter().map(|k| {
+            let n = k.kid.and_then(|kid| counts.get(&kid).copied()).unwrap_or(0);
+            pb::KeyInfo {
+                certificates_signed: n,
+                ..key_info(&self.token_label, k)
+            }
+        }));
         tracing::info!(client = %caller.identity, keys = keys.len(), "list keys");
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }

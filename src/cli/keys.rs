@@ -273,6 +273,7 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
                                     .and_then(pb::CertificateType::cert_type)).map(|t| t.as_str()).collect::<Vec<_>>(),
                                 "not_before": k.not_before, "not_after": k.not_after,
                                 "usage_seconds_left": (k.usage_end > 0).then(|| k.usage_end - now),
+                                "certificates_signed": k.certificates_signed,
                                 "uri": k.uri,
                             })
                         })
@@ -281,13 +282,19 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
                         println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
                     } else {
                         for r in rows {
+                            let left = r["usage_seconds_left"]
+                                .as_i64()
+                                .map(|s| format!("{} days", s / 86_400))
+                                .unwrap_or_else(|| "-".into());
                             println!(
-                                "{:24} {:10} kid {:16} types {} valid to {}",
+                                "{:24} {:10} kid {:16} types {} valid to {} usage left {} signed {}",
                                 r["label"].as_str().unwrap_or(""),
                                 r["state"].as_str().unwrap_or(""),
                                 r["kid"].as_str().unwrap_or(""),
                                 r["types"],
-                                super::fmt_time(r["not_after"].as_i64().filter(|t| *t > 0))
+                                super::fmt_time(r["not_after"].as_i64().filter(|t| *t > 0)),
+                                left,
+                                r["certificates_signed"]
                             );
                         }
                     }

@@ -485,6 +485,19 @@ impl KeyManager {
         self
     }
 
+    /// Certificates recorded in the ledger per kid.
+    pub fn signed_counts(&self) -> Result<std::collections::HashMap<[u8; 8], u64>, KeyOpError> {
+        match &self.ledger {
+            Some(l) => Ok(l
+                .recorded_since(0)
+                .map_err(|e| KeyOpError::Database(format!("ledger: {e}")))?
+                .1
+                .into_iter()
+                .collect()),
+            None => Ok(Default::default()),
+        }
+    }
+
     /// The latest expiry of what `kid` signed (from the ledger).
     pub fn last_expiry(&self, kid: &[u8; 8]) -> Result<Option<i64>, KeyOpError> {
         match &self.ledger {
