@@ -215,6 +215,9 @@ fn import_refuses_every_bad_certificate() {
     let wrong_eku = certify(&d, &req_a, "vaccination", &[]);
     let err = refused(import(&d, &wrong_eku), "2-60-7013");
     assert!(err.contains("declared for test"), "{err}");
+    // Key usage without digitalSignature.
+    let no_ds = certify(&d, &req_a, "test", &["--without-digital-signature"]);
+    refused(import(&d, &no_ds), "2-60-7012");
     // Expired.
     let expired = certify(
         &d,
@@ -601,7 +604,9 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
     // A usage period of 0 days: the key is past it a second after activation, and nothing is
     // signed with it.
     let d = Daemon::start_with(common::Dev::new(), |c| {
-        *c = c.replace("usage_period_days = 183", "usage_period_days = 0");
+        *c = c
+            .replace("usage_period_days = 183", "usage_period_days = 0")
+            .replace("health_interval_seconds = 5", "health_interval_seconds = 1");
     });
     upload_key(&d, "upload-1");
     certified(&d, "dsc-b", "test");
@@ -617,6 +622,12 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
     });
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert_eq!(common::error_detail(&e).code, "2-60-5010");
+    // The health loop warns (log and metric) once less than a month is left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !d.log().contains("usage period ends within a month") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn private_key_labels(d: &Daemon) -> String {

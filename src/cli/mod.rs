@@ -113,6 +113,10 @@ enum Command {
         /// Validity in days.
         #[arg(long, default_value_t = 730)]
         days: u64,
+        /// Key usage nonRepudiation instead of digitalSignature (a certificate import must
+        /// refuse; for testing).
+        #[arg(long)]
+        without_digital_signature: bool,
     },
     /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one).
     DevClientCert {
@@ -164,7 +168,15 @@ pub fn run() -> ExitCode {
             types,
             not_before,
             days,
-        } => dev_sign_csr(&state_dir, &csr, &types, not_before.as_deref(), days),
+            without_digital_signature,
+        } => dev_sign_csr(
+            &state_dir,
+            &csr,
+            &types,
+            not_before.as_deref(),
+            days,
+            !without_digital_signature,
+        ),
         Command::DevClientCert {
             state_dir,
             name,
@@ -197,6 +209,7 @@ fn dev_sign_csr(
     types: &[dccsign::dcc::CertType],
     not_before: Option<&str>,
     days: u64,
+    digital_signature: bool,
 ) -> ExitCode {
     let start = match start_time(not_before) {
         Ok(s) => s,
@@ -206,7 +219,7 @@ fn dev_sign_csr(
     let result = std::fs::read(csr)
         .map_err(|e| format!("{}: {e}", csr.display()))
         .and_then(|pem| {
-            dccsign::keys::dev_sign_csr(state_dir, &pem, types, start, lifetime)
+            dccsign::keys::dev_sign_csr(state_dir, &pem, types, start, lifetime, digital_signature)
                 .map_err(|e| e.to_string())
         });
     match result {

@@ -146,6 +146,31 @@ pub fn build_leaf(
     san: Option<SubjectAltName>,
     profile: &CertProfile,
 ) -> Result<Certificate, KeysError> {
+    build_leaf_with_usage(
+        token,
+        ca_key,
+        ca_cert,
+        public_key,
+        eku,
+        san,
+        profile,
+        KeyUsages::DigitalSignature,
+    )
+}
+
+/// [`build_leaf`] with another key usage (development tools that make certificates a DSC
+/// import must refuse).
+#[allow(clippy::too_many_arguments)]
+pub fn build_leaf_with_usage(
+    token: &Token,
+    ca_key: &KeyHandle,
+    ca_cert: &Certificate,
+    public_key: &p256::PublicKey,
+    eku: &[ObjectIdentifier],
+    san: Option<SubjectAltName>,
+    profile: &CertProfile,
+    usage: KeyUsages,
+) -> Result<Certificate, KeysError> {
     let signer = TokenSigner::new(token, ca_key);
     let spki = SubjectPublicKeyInfoOwned::from_key(*public_key).map_err(build_err)?;
     let ski = SubjectKeyIdentifier::try_from(spki.owned_to_ref()).map_err(build_err)?;
@@ -162,7 +187,7 @@ pub fn build_leaf(
     };
     let issuer = Some(ca_cert.tbs_certificate.subject.clone());
     let mut b = builder(profile, issuer, spki, &signer)?;
-    b.add_extension(&KeyUsage(KeyUsages::DigitalSignature.into()))
+    b.add_extension(&KeyUsage(usage.into()))
         .map_err(build_err)?;
     b.add_extension(&aki).map_err(build_err)?;
     b.add_extension(&ski).map_err(build_err)?;

@@ -161,6 +161,7 @@ pub fn dev_sign_csr(
     types: &[CertType],
     not_before: SystemTime,
     lifetime: Duration,
+    digital_signature: bool,
 ) -> Result<String, KeysError> {
     use der::Encode;
     use p256::ecdsa::signature::Verifier;
@@ -190,8 +191,20 @@ pub fn dev_sign_csr(
         not_before,
         lifetime,
     };
-    let cert =
-        super::certificate::build_leaf(&token, &csca_key, &csca, &public, &eku, None, &profile)?;
+    let cert = super::certificate::build_leaf_with_usage(
+        &token,
+        &csca_key,
+        &csca,
+        &public,
+        &eku,
+        None,
+        &profile,
+        if digital_signature {
+            x509_cert::ext::pkix::KeyUsages::DigitalSignature
+        } else {
+            x509_cert::ext::pkix::KeyUsages::NonRepudiation
+        },
+    )?;
     to_pem(&cert)
 }
 
