@@ -577,6 +577,40 @@ fn publish_then_rotate_while_a_client_issues_continuously() {
         .kid
     });
     assert_eq!(&kid, new);
+
+    // The next rotation retires the managed predecessor in the same approved operation.
+    certified(&d, "dsc-test-newer", "test");
+    let done = activate(&d, "dsc-test-newer");
+    assert!(done.contains("retired: [dsc-test-new]"), "{done}");
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(keys(&d, "officer-2", &["list", "--json"]))).unwrap();
+    let state = |label: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["label"] == label)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (state("dsc-test-new"), state("dsc-test-newer")),
+        ("retired".into(), "active".into())
+    );
+    let kid = rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request(
+            "test",
+            &test_payload(&d),
+            "after-second-rotation",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .kid
+    });
+    assert_ne!(&kid, new);
     assert!(audit_verify(&d).status.success());
 }
 
