@@ -39,9 +39,7 @@ impl KeyManager {
                 }),
             })
             .and_then(|_| self.label_is_new(label));
-        if let Err(e) = checked {
-            return Err(self.refused(officer, "keys.generate", params, e, now));
-        }
+        self.audit_refusal(officer, "keys.generate", &params, checked, now)?;
         self.request(officer, "keys.generate", params, now)
     }
 
@@ -62,16 +60,17 @@ impl KeyManager {
         approver: &str,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let label = op.parameters["label"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let label = op.label();
         let types = parse_types(op.parameters["types"].as_str().unwrap_or_default());
         let role = op.parameters["role"].as_str().unwrap_or("dsc").to_string();
         // The label may have been taken since the request.
-        if let Err(e) = self.label_is_new(&label) {
-            return Err(self.refused(approver, "keys.generate", op.parameters.clone(), e, now));
-        }
+        self.audit_refusal(
+            approver,
+            "keys.generate",
+            &op.parameters,
+            self.label_is_new(&label),
+            now,
+        )?;
         let key: KeyHandle = self.token.generate_p256(&label)?;
         let public = p256::EncodedPoint::from(key.public_key).as_bytes().to_vec();
         let result = format!("ok: generated, key id {}", hex::encode(&key.id));
@@ -101,21 +100,24 @@ impl KeyManager {
         now: i64,
     ) -> Result<String, KeyOpError> {
         let params = json!({"label": label, "subject": subject});
-        let built = self.build_csr(label, subject);
-        match built {
-            Ok(pem) => self.audited(
-                Record {
-                    officer,
-                    operation: "keys.csr",
-                    parameters: params,
-                    approvals: &[],
-                    result: "ok",
-                },
-                now,
-                |_| Ok(pem),
-            ),
-            Err(e) => Err(self.refused(officer, "keys.csr", params, e, now)),
-        }
+        let pem = self.audit_refusal(
+            officer,
+            "keys.csr",
+            &params,
+            self.build_csr(label, subject),
+            now,
+        )?;
+        self.audited(
+            Record {
+                officer,
+                operation: "keys.csr",
+                parameters: params,
+                approvals: &[],
+                result: "ok",
+            },
+            now,
+            |_| Ok(pem),
+        )
     }
 
     pub(super) fn build_csr(&self, label: &str, subject: &str) -> Result<String, KeyOpError> {

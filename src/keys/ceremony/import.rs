@@ -26,10 +26,7 @@ impl KeyManager {
             "label": label,
             "certificate_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(pem_or_der)),
         });
-        let (key, dsc) = match checked {
-            Ok(v) => v,
-            Err(e) => return Err(self.refused(officer, "keys.import-cert", params, e, now)),
-        };
+        let (key, dsc) = self.audit_refusal(officer, "keys.import-cert", &params, checked, now)?;
         let result = format!("ok: certified, kid {}", hex::encode(dsc.kid));
         self.audited(
             Record {

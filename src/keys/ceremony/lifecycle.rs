@@ -17,10 +17,7 @@ impl KeyManager {
         use base64::Engine;
         let params = json!({"label": label});
         let built = self.upload_package(label);
-        let package = match built {
-            Ok(p) => p,
-            Err(e) => return Err(self.refused(officer, "keys.publish", params, e, now)),
-        };
+        let package = self.audit_refusal(officer, "keys.publish", &params, built, now)?;
         let b64 = base64::engine::general_purpose::STANDARD.encode(&package);
         let result = format!(
             "ok: published, package sha256 {}",
@@ -84,9 +81,13 @@ impl KeyManager {
         now: i64,
     ) -> Result<Operation, KeyOpError> {
         let params = json!({"label": label});
-        if let Err(e) = self.activatable(label, now) {
-            return Err(self.refused(officer, "keys.activate", params, e, now));
-        }
+        self.audit_refusal(
+            officer,
+            "keys.activate",
+            &params,
+            self.activatable(label, now),
+            now,
+        )?;
         self.request(officer, "keys.activate", params, now)
     }
 
@@ -115,16 +116,14 @@ impl KeyManager {
         approver: &str,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let label = op.parameters["label"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let k = match self.activatable(&label, now) {
-            Ok(k) => k,
-            Err(e) => {
-                return Err(self.refused(approver, "keys.activate", op.parameters.clone(), e, now))
-            }
-        };
+        let label = op.label();
+        let k = self.audit_refusal(
+            approver,
+            "keys.activate",
+            &op.parameters,
+            self.activatable(&label, now),
+            now,
+        )?;
         let mut active = k.clone();
         active.usage_end = Some(now + self.settings.usage_period.whole_seconds());
         let signer = self.active_dsc(&active)?;
@@ -174,9 +173,7 @@ impl KeyManager {
     ) -> Result<Operation, KeyOpError> {
         let params = json!({"label": label});
         let checked = self.advance(label, KeyState::Retired);
-        if let Err(e) = checked {
-            return Err(self.refused(officer, "keys.retire", params, e, now));
-        }
+        self.audit_refusal(officer, "keys.retire", &params, checked, now)?;
         self.request(officer, "keys.retire", params, now)
     }
 
@@ -186,14 +183,9 @@ impl KeyManager {
         approver: &str,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let label = op.parameters["label"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let label = op.label();
         let checked = self.advance(&label, KeyState::Retired);
-        if let Err(e) = checked {
-            return Err(self.refused(approver, "keys.retire", op.parameters.clone(), e, now));
-        }
+        self.audit_refusal(approver, "keys.retire", &op.parameters, checked, now)?;
         let done = self.finish(op, approver, now, "ok: retired", |tx| {
             tx.execute(
                 "UPDATE managed_keys SET state = 'retired', retired_at = ?2 WHERE label = ?1",
@@ -270,9 +262,7 @@ impl KeyManager {
                     }),
                 }
             });
-        if let Err(e) = checked {
-            return Err(self.refused(officer, "keys.destroy", params, e, now));
-        }
+        self.audit_refusal(officer, "keys.destroy", &params, checked, now)?;
         self.request(officer, "keys.destroy", params, now)
     }
 
@@ -282,10 +272,7 @@ impl KeyManager {
         approver: &str,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let label = op.parameters["label"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let label = op.label();
         let forced = op.parameters["forced"].as_bool().unwrap_or(false);
         let checked = self
             .destroy_report(&label, now)
@@ -299,9 +286,7 @@ impl KeyManager {
                     Ok(())
                 }
             });
-        if let Err(e) = checked {
-            return Err(self.refused(approver, "keys.destroy", op.parameters.clone(), e, now));
-        }
+        self.audit_refusal(approver, "keys.destroy", &op.parameters, checked, now)?;
         // The intent is recorded before the irreversible step (fail closed).
         let approvals = vec![approver.to_string()];
         self.audited(

@@ -207,6 +207,16 @@ pub struct Operation {
     pub result: Option<String>,
 }
 
+impl Operation {
+    /// The key label the operation is about.
+    pub fn label(&self) -> String {
+        self.parameters["label"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 /// The key lifecycle over the token and the control database.
 pub struct KeyManager {
     db: Mutex<Connection>,
@@ -347,6 +357,19 @@ impl KeyManager {
         Ok(out)
     }
 
+    /// Passes `checked` through; a refusal is first recorded in the audit log (as `operation`
+    /// by `officer`).
+    fn audit_refusal<T>(
+        &self,
+        officer: &str,
+        operation: &str,
+        parameters: &Value,
+        checked: Result<T, KeyOpError>,
+        now: i64,
+    ) -> Result<T, KeyOpError> {
+        checked.map_err(|e| self.refused(officer, operation, parameters.clone(), e, now))
+    }
+
     /// Records a refusal in the audit log and returns it.
     fn refused(
         &self,
@@ -475,10 +498,7 @@ impl KeyManager {
             Some(op) if op.requester == officer => Err(KeyOpError::SelfApproval(id.into())),
             Some(op) => Ok(op),
         };
-        let op = match checked {
-            Ok(op) => op,
-            Err(e) => return Err(self.refused(officer, "keys.approve", params, e, now)),
-        };
+        let op = self.audit_refusal(officer, "keys.approve", &params, checked, now)?;
         match op.operation.as_str() {
             "keys.generate" => self.execute_generate(&op, officer, now),
             "keys.activate" => self.execute_activate(&op, officer, now),
