@@ -403,6 +403,20 @@ fn activate(d: &Daemon, label: &str) -> String {
     ok(keys(d, "officer-2", &["approve", op.trim()]))
 }
 
+/// Issues one test certificate as issuer-all.
+fn issue_test(
+    rt: &tokio::runtime::Runtime,
+    d: &Daemon,
+    request_id: &str,
+) -> Result<dccsign::api::pb::IssueResponse, tonic::Status> {
+    rt.block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(common::issue_request("test", &test_payload(d), request_id))
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
 fn test_payload(d: &Daemon) -> serde_json::Value {
     let mut p = d.dev.example("test");
     p["t"][0].as_object_mut().unwrap().remove("ci");
@@ -544,18 +558,7 @@ fn publish_then_rotate_while_a_client_issues_continuously() {
         "{k}"
     );
     assert!(k["usage_seconds_left"].as_i64().unwrap() > 180 * 86_400);
-    let hc1 = rt.block_on(async {
-        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
-        c.issue(common::issue_request(
-            "test",
-            &test_payload(&d),
-            "after-rotation",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .hc1
-    });
+    let hc1 = issue_test(&rt, &d, "after-rotation").unwrap().hc1;
     let out = d
         .dev
         .run(&["verify", "--trust", cert.to_str().unwrap(), &hc1]);
@@ -564,18 +567,7 @@ fn publish_then_rotate_while_a_client_issues_continuously() {
     // After a restart the managed key still signs its types.
     let mut d = d;
     d.restart();
-    let kid = rt.block_on(async {
-        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
-        c.issue(common::issue_request(
-            "test",
-            &test_payload(&d),
-            "after-restart",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .kid
-    });
+    let kid = issue_test(&rt, &d, "after-restart").unwrap().kid;
     assert_eq!(&kid, new);
 
     // The next rotation retires the managed predecessor in the same approved operation.
@@ -598,18 +590,7 @@ fn publish_then_rotate_while_a_client_issues_continuously() {
         (state("dsc-test-new"), state("dsc-test-newer")),
         ("retired".into(), "active".into())
     );
-    let kid = rt.block_on(async {
-        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
-        c.issue(common::issue_request(
-            "test",
-            &test_payload(&d),
-            "after-second-rotation",
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .kid
-    });
+    let kid = issue_test(&rt, &d, "after-second-rotation").unwrap().kid;
     assert_ne!(&kid, new);
     assert!(audit_verify(&d).status.success());
 }
@@ -648,12 +629,7 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
     assert!(done.contains("executed"), "{done}");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let e = rt.block_on(async {
-        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
-        c.issue(common::issue_request("test", &test_payload(&d), "too-late"))
-            .await
-            .unwrap_err()
-    });
+    let e = issue_test(&rt, &d, "too-late").unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert_eq!(common::error_detail(&e).code, "2-60-5010");
     // The health loop warns (log and metric) once less than a month is left.
@@ -805,12 +781,7 @@ fn signed_checkpoints_catch_truncation_and_forgery() {
     });
     generated(&d, "k-cp", "test");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
-        c.issue(common::issue_request("test", &test_payload(&d), "cp-1"))
-            .await
-            .unwrap()
-    });
+    issue_test(&rt, &d, "cp-1").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(d.terminate().success());
     let v = audit_verify(&d);
