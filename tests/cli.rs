@@ -283,24 +283,7 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
     // OpenSC's pkcs11-tool reads the key attributes from the token (our own check of CKA_VALUE
     // is in tests/hsm.rs).
     let dev = Dev::new();
-    let pin = std::fs::read_to_string(dev.file("secrets/user.pin")).unwrap();
-    let list = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", dev.file("softhsm2.conf"))
-        .args([
-            "--module",
-            dccsign::hsm::SOFTHSM_MODULE,
-            "--token-label",
-            "dccsign-dev",
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--list-objects",
-            "--type",
-            "privkey",
-        ])
-        .output()
-        .expect("pkcs11-tool missing: run .ci/deps");
-    let listing = stdout(&list);
+    let listing = dev.pkcs11_objects("privkey");
     let mut keys = 0;
     for block in listing.split("Private Key Object").skip(1) {
         keys += 1;
@@ -320,23 +303,7 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
         "expected CSCA, TLS CA, audit key and 3 DSC keys:\n{listing}"
     );
     // The HMAC key for UVCIs: a secret key that never leaves the token either.
-    let secret = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", dev.file("softhsm2.conf"))
-        .args([
-            "--module",
-            dccsign::hsm::SOFTHSM_MODULE,
-            "--token-label",
-            "dccsign-dev",
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--list-objects",
-            "--type",
-            "secrkey",
-        ])
-        .output()
-        .unwrap();
-    let listing = stdout(&secret);
+    let listing = dev.pkcs11_objects("secrkey");
     assert!(listing.contains("uvci-hmac"), "{listing}");
     assert!(
         listing.contains("always sensitive") && listing.contains("never extractable"),

@@ -641,25 +641,7 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
 }
 
 fn private_key_labels(d: &Daemon) -> String {
-    let pin = std::fs::read_to_string(d.dev.file("secrets/user.pin")).unwrap();
-    let list = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", d.dev.file("softhsm2.conf"))
-        .args([
-            "--module",
-            dccsign::hsm::SOFTHSM_MODULE,
-            "--token-label",
-            "dccsign-dev",
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--list-objects",
-            "--type",
-            "privkey",
-        ])
-        .output()
-        .unwrap();
-    assert!(list.status.success(), "{}", stderr(&list));
-    stdout(&list)
+    d.dev.pkcs11_objects("privkey")
 }
 
 fn trust_list(d: &Daemon) -> serde_json::Value {

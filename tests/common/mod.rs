@@ -138,6 +138,30 @@ impl Dev {
         .to_vec()
     }
 
+    /// OpenSC's `pkcs11-tool --list-objects --type <kind>` on the development token (an
+    /// independent PKCS#11 client): its standard output.
+    pub fn pkcs11_objects(&self, kind: &str) -> String {
+        let pin = std::fs::read_to_string(self.file("secrets/user.pin")).unwrap();
+        let out = Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", self.file("softhsm2.conf"))
+            .args([
+                "--module",
+                dccsign::hsm::SOFTHSM_MODULE,
+                "--token-label",
+                "dccsign-dev",
+                "--login",
+                "--pin",
+                pin.trim(),
+                "--list-objects",
+                "--type",
+                kind,
+            ])
+            .output()
+            .expect("pkcs11-tool missing: run .ci/deps");
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    }
+
     pub fn dsc_pem(&self, t: &str) -> PathBuf {
         self.file(&format!("pki/dsc-{t}.pem"))
     }
