@@ -131,37 +131,16 @@ pub fn build_dsc(
         &eku,
         None,
         profile,
-    )
-}
-
-/// Builds an end-entity certificate for `public_key`, signed inside the token by `ca_key`:
-/// keyUsage digitalSignature (critical), AKI = the CA's SKI, SKI, a non-critical extended key
-/// usage with `eku` (omitted when empty) and an optional subject alternative name.
-pub fn build_leaf(
-    token: &Token,
-    ca_key: &KeyHandle,
-    ca_cert: &Certificate,
-    public_key: &p256::PublicKey,
-    eku: &[ObjectIdentifier],
-    san: Option<SubjectAltName>,
-    profile: &CertProfile,
-) -> Result<Certificate, KeysError> {
-    build_leaf_with_usage(
-        token,
-        ca_key,
-        ca_cert,
-        public_key,
-        eku,
-        san,
-        profile,
         KeyUsages::DigitalSignature,
     )
 }
 
-/// [`build_leaf`] with another key usage (development tools that make certificates a DSC
-/// import must refuse).
+/// Builds an end-entity certificate for `public_key`, signed inside the token by `ca_key`:
+/// keyUsage `usage` (critical; digitalSignature for DSCs and TLS), AKI = the CA's SKI, SKI, a
+/// non-critical extended key usage with `eku` (omitted when empty) and an optional subject
+/// alternative name.
 #[allow(clippy::too_many_arguments)]
-pub fn build_leaf_with_usage(
+pub fn build_leaf(
     token: &Token,
     ca_key: &KeyHandle,
     ca_cert: &Certificate,

@@ -191,7 +191,7 @@ pub fn dev_sign_csr(
         not_before,
         lifetime,
     };
-    let cert = super::certificate::build_leaf_with_usage(
+    let cert = super::certificate::build_leaf(
         &token,
         &csca_key,
         &csca,

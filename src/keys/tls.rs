@@ -98,6 +98,7 @@ pub fn issue_tls_leaf(
             not_before,
             lifetime,
         },
+        x509_cert::ext::pkix::KeyUsages::DigitalSignature,
     )?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let key_path = dir.join(format!("{name}.key"));

@@ -231,6 +231,20 @@ impl KeyManager {
         })
     }
 
+    /// The destroy rule, checked at the request and again at the approval: the key is retired,
+    /// and nothing it signed is still valid unless `forced`.
+    fn destroyable(&self, label: &str, forced: bool, now: i64) -> Result<(), KeyOpError> {
+        let (report, allowed) = self.destroy_report(label, now)?;
+        if self.key(label)?.state == KeyState::Retired && (allowed || forced) {
+            Ok(())
+        } else {
+            Err(KeyOpError::State {
+                label: label.into(),
+                message: report,
+            })
+        }
+    }
+
     /// Two-person: asks to destroy a retired DSC's private key; refused while certificates it
     /// signed are valid, unless `force_reason` is given (recorded).
     pub fn request_destroy(
@@ -240,28 +254,9 @@ impl KeyManager {
         force_reason: Option<&str>,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let params =
-            json!({"label": label, "forced": force_reason.is_some(), "reason": force_reason});
-        let checked = self
-            .destroy_report(label, now)
-            .and_then(|(report, allowed)| {
-                let reason_ok = force_reason.is_some_and(|r| !r.trim().is_empty());
-                match (
-                    allowed,
-                    reason_ok,
-                    self.key(label)?.state == KeyState::Retired,
-                ) {
-                    (_, _, false) => Err(KeyOpError::State {
-                        label: label.into(),
-                        message: report,
-                    }),
-                    (true, _, true) | (false, true, true) => Ok(()),
-                    (false, false, true) => Err(KeyOpError::State {
-                        label: label.into(),
-                        message: report,
-                    }),
-                }
-            });
+        let forced = force_reason.is_some_and(|r| !r.trim().is_empty());
+        let params = json!({"label": label, "forced": forced, "reason": force_reason});
+        let checked = self.destroyable(label, forced, now);
         self.audit_refusal(officer, "keys.destroy", &params, checked, now)?;
         self.request(officer, "keys.destroy", params, now)
     }
@@ -274,18 +269,7 @@ impl KeyManager {
     ) -> Result<Operation, KeyOpError> {
         let label = op.label();
         let forced = op.parameters["forced"].as_bool().unwrap_or(false);
-        let checked = self
-            .destroy_report(&label, now)
-            .and_then(|(report, allowed)| {
-                if self.key(&label)?.state != KeyState::Retired || !(allowed || forced) {
-                    Err(KeyOpError::State {
-                        label: label.clone(),
-                        message: report,
-                    })
-                } else {
-                    Ok(())
-                }
-            });
+        let checked = self.destroyable(&label, forced, now);
         self.audit_refusal(approver, "keys.destroy", &op.parameters, checked, now)?;
         // The intent is recorded before the irreversible step (fail closed).
         let approvals = vec![approver.to_string()];
