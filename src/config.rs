@@ -61,6 +61,9 @@ pub struct Config {
     /// Key lifecycle: managed keys, CSCAs, two-person operations, audit.
     #[serde(default)]
     pub keys: KeysConfig,
+    /// Revocation: EU gateway batches, subscribers, the verifier list, retention.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
     /// Directory relative paths are resolved against (the config file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -158,6 +161,111 @@ fn default_operation_ttl() -> u32 {
     24
 }
 fn default_checkpoint_interval() -> u64 {
+    3600
+}
+
+/// Revocation settings (`[revocation]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// Base URL of the EU gateway (e.g. `https://dgcg.example.eu`); without it batches are built
+    /// and kept but not delivered.
+    #[serde(default)]
+    pub gateway_url: Option<String>,
+    /// CA certificates (PEM) that the gateway's and subscribers' server certificates chain to.
+    #[serde(default)]
+    pub gateway_ca: Option<PathBuf>,
+    /// Our TLS client certificate (PEM) towards the gateway and subscribers.
+    #[serde(default)]
+    pub gateway_client_certificate: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600).
+    #[serde(default)]
+    pub gateway_client_key: Option<PathBuf>,
+    /// P-256 key in the token (label or `pkcs11:` URI) that signs batches as CMS (the upload key).
+    #[serde(default)]
+    pub upload_key: Option<String>,
+    /// The upload key's certificate (PEM), embedded in each CMS.
+    #[serde(default)]
+    pub upload_certificate: Option<PathBuf>,
+    /// Also send `UCI` batches (deprecated upstream; default off).
+    #[serde(default)]
+    pub uci_batches: bool,
+    /// Also send `COUNTRYCODEUCI` batches (deprecated upstream; default off).
+    #[serde(default)]
+    pub country_code_uci_batches: bool,
+    /// Retry schedule in Webcert's template form: `max#delay,delay,…` with units s/m/h/d; the
+    /// last delay repeats.
+    #[serde(default = "default_retry")]
+    pub retry: String,
+    /// Seconds between outbox runs in the daemon.
+    #[serde(default = "default_outbox_interval")]
+    pub outbox_interval_seconds: u64,
+    /// Timeout of one HTTP request to the gateway or a subscriber, in seconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_seconds: u64,
+    /// P-256 key in the token (label or `pkcs11:` URI) that signs the verifier list.
+    #[serde(default)]
+    pub list_key: Option<String>,
+    /// Its public key (PEM), for `dccsign verify --revocation`.
+    #[serde(default)]
+    pub list_public_key: Option<PathBuf>,
+    /// Days after a certificate's expiry before its rows are purged (Swedish rule: 7).
+    #[serde(default = "default_retention")]
+    pub retention_days: u32,
+    /// Seconds between purge runs in the daemon.
+    #[serde(default = "default_purge_interval")]
+    pub purge_interval_seconds: u64,
+    /// Integrated systems notified of revocation events.
+    #[serde(default, rename = "subscriber")]
+    pub subscribers: Vec<SubscriberConfig>,
+}
+
+/// An integrated system notified of revocations (`[[revocation.subscriber]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberConfig {
+    /// Name used in logs, metrics and the outbox.
+    pub name: String,
+    /// HTTPS URL that receives one JSON event per POST.
+    pub url: String,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            gateway_url: None,
+            gateway_ca: None,
+            gateway_client_certificate: None,
+            gateway_client_key: None,
+            upload_key: None,
+            upload_certificate: None,
+            uci_batches: false,
+            country_code_uci_batches: false,
+            retry: default_retry(),
+            outbox_interval_seconds: default_outbox_interval(),
+            request_timeout_seconds: default_request_timeout(),
+            list_key: None,
+            list_public_key: None,
+            retention_days: default_retention(),
+            purge_interval_seconds: default_purge_interval(),
+            subscribers: vec![],
+        }
+    }
+}
+
+fn default_retry() -> String {
+    "30#1:m,5:m,1:h,6:h,12:h,1:d".into()
+}
+fn default_outbox_interval() -> u64 {
+    60
+}
+fn default_request_timeout() -> u64 {
+    30
+}
+fn default_retention() -> u32 {
+    7
+}
+fn default_purge_interval() -> u64 {
     3600
 }
 

@@ -1,4 +1,13 @@
-//! Revocation. For now: the hash definitions the ledger records at signing time so that any
-//! certificate can later be revoked without keeping personal data (DOMAIN.md §5).
+//! Revocation (DOMAIN.md §5, `docs/revocation.md`): the hashes recorded at signing time, revoke
+//! and replace, EU gateway batches, the durable outbox that delivers them, the signed verifier
+//! list and retention.
+//!
+//! Data flows one way: the ledger's certificate rows and revocation rows → [`batch`] plans
+//! immutable batches → the outbox delivers them through [`gateway`] on the [`schedule`];
+//! [`list`] turns the revocation rows of one kid into the signed verifier list.
 
+pub mod batch;
+pub mod gateway;
 pub mod hash;
+pub mod list;
+pub mod schedule;
