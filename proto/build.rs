@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/dccsign/v1/issuance.proto",
         "proto/dccsign/v1/keys.proto",
+        "proto/dccsign/v1/revocation.proto",
     ];
     // Paths are relative to the package root (cargo runs build scripts there).
     for p in &protos {

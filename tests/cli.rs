@@ -299,8 +299,8 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
         );
     }
     assert_eq!(
-        keys, 6,
-        "expected CSCA, TLS CA, audit key and 3 DSC keys:\n{listing}"
+        keys, 8,
+        "expected CSCA, TLS CA, audit key, revocation-list key, upload key and 3 DSC keys:\n{listing}"
     );
     // The HMAC key for UVCIs: a secret key that never leaves the token either.
     let listing = dev.pkcs11_objects("secrkey");
@@ -365,4 +365,206 @@ fn json_logs_are_structured_and_free_of_personal_data() {
     assert_eq!(signed["fields"]["cert_type"], "test");
     assert_eq!(signed["fields"]["kid"].as_str().unwrap().len(), 16);
     assert!(!stderr(&out).contains("ZZMARKERZZ"));
+}
+
+/// `verify --revocation`: a list signed in the development token by `revocation-list-key` that
+/// holds the certificate's SIGNATURE hash → revoked (4); one where that revocation was lifted →
+/// valid; a tampered list, a list signed by another key, for another DSC, or a delta → error (1).
+///
+/// The only test in this file that opens a token in-process (SoftHSM reads `SOFTHSM2_CONF` once
+/// per process, so a second state directory could not be opened here).
+#[test]
+fn verify_checks_the_signed_revocation_list() {
+    use dccsign::revocation::list::{self, ListEntry, RevocationList};
+    use sha2::{Digest, Sha256};
+
+    let dev = Dev::new();
+    let hc1 = dev.sign_ok("test", &dev.example("test"));
+    // The certificate's kid and SIGNATURE hash, computed here from its COSE bytes:
+    // SHA-256 over r (the first 32 bytes of the signature), first 16 bytes.
+    let cose = dccsign::cose::hc1::decode(&hc1).unwrap();
+    let parsed = dccsign::cose::sign1::parse(&cose).unwrap();
+    let kid: [u8; 8] = parsed.kid.clone().unwrap().try_into().unwrap();
+    assert_eq!(parsed.signature.len(), 64);
+    let hash: [u8; 16] = Sha256::digest(&parsed.signature[..32])[..16]
+        .try_into()
+        .unwrap();
+    let other_hash = [0x42u8; 16];
+
+    // The development token and list key, as the generated config names them.
+    let cfg = dccsign::config::Config::load(&dev.file("dccsign.toml")).unwrap();
+    cfg.export_softhsm_env();
+    let token = dccsign::hsm::Token::open(&cfg.token_settings()).unwrap();
+    let list_key = token
+        .find_key(
+            cfg.revocation
+                .list_key
+                .as_deref()
+                .expect("list_key in dev config"),
+        )
+        .unwrap();
+    let list_pem = cfg.resolve(cfg.revocation.list_public_key.as_deref().unwrap());
+    assert_eq!(list_pem, dev.file("pki/revocation-list-key.pem"));
+    let audit_key = token.find_key("audit-key").unwrap();
+
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dev.file(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let sign_with = |list: &RevocationList, key: &dccsign::hsm::KeyHandle, claimed: [u8; 8]| {
+        list::sign(list, claimed, |d| token.sign_digest(key, d)).unwrap()
+    };
+    let sign = |list: &RevocationList| {
+        sign_with(list, &list_key, list::list_key_kid(&list_key.public_key))
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let revoked_entries = [
+        ListEntry {
+            hash: other_hash,
+            added: 1,
+            removed: None,
+        },
+        ListEntry {
+            hash,
+            added: 2,
+            removed: None,
+        },
+    ];
+    let mut lifted_entries = revoked_entries;
+    lifted_entries[1].removed = Some(3);
+
+    let revoked_list = list::full(kid, &revoked_entries, now);
+    assert!(revoked_list.contains(&hash));
+    let revoked_cose = sign(&revoked_list);
+    let revoked = write("revoked.cbor", &revoked_cose);
+    let lifted_list = list::full(kid, &lifted_entries, now);
+    assert!(!lifted_list.contains(&hash) && lifted_list.contains(&other_hash));
+    let lifted = write("lifted.cbor", &sign(&lifted_list));
+    // The revoked list with one bit of the certificate's hash flipped: unchecked, it would
+    // read as "not revoked".
+    let mut tampered_bytes = revoked_cose.clone();
+    let at = tampered_bytes
+        .windows(16)
+        .position(|w| w == hash)
+        .expect("the hash is in the list");
+    tampered_bytes[at + 15] ^= 0x01;
+    let tampered = write("tampered.cbor", &tampered_bytes);
+    // Signed by another key of the token: with its own kid, and claiming the list key's kid.
+    let by_audit_key = write(
+        "audit-signed.cbor",
+        &sign_with(
+            &revoked_list,
+            &audit_key,
+            list::list_key_kid(&audit_key.public_key),
+        ),
+    );
+    let forged_kid = write(
+        "forged.cbor",
+        &sign_with(
+            &revoked_list,
+            &audit_key,
+            list::list_key_kid(&list_key.public_key),
+        ),
+    );
+    // A well-signed list for another DSC, and a delta.
+    let mut other_kid = kid;
+    other_kid[0] ^= 0xff;
+    let other_dsc = write(
+        "other-dsc.cbor",
+        &sign(&list::full(other_kid, &revoked_entries, now)),
+    );
+    let delta = write(
+        "delta.cbor",
+        &sign(&list::delta(kid, &revoked_entries, 1, now)),
+    );
+    drop(token);
+
+    let dsc = dev.dsc_pem("test");
+    let verify = |list: &std::path::Path, key: &std::path::Path| {
+        dev.run(&[
+            "verify",
+            "--trust",
+            dsc.to_str().unwrap(),
+            "--revocation",
+            list.to_str().unwrap(),
+            "--revocation-key",
+            key.to_str().unwrap(),
+            &hc1,
+        ])
+    };
+
+    // Revoked: its own exit code, and the payload is still printed.
+    let out = verify(&revoked, &list_pem);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("revocation: REVOKED (list version 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().last(), Some("revoked"));
+    assert!(stdout(&out).contains("\"t\""), "{}", stdout(&out));
+
+    // The revocation lifted (version 3): valid.
+    let out = verify(&lifted, &list_pem);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("revocation: ok, not in the list (list version 3"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().last(), Some("valid"));
+
+    // Every bad list is an error, before anything is printed — never "valid".
+    let bad = [
+        (&tampered, &list_pem, "signature does not verify"),
+        (&forged_kid, &list_pem, "signature does not verify"),
+        (&by_audit_key, &list_pem, "signed by key"),
+        (&revoked, &dev.file("pki/audit-key.pem"), "signed by key"),
+        (&other_dsc, &list_pem, "the revocation list is for kid"),
+        (&delta, &list_pem, "not a full list"),
+        (
+            &dev.file("pki/csca.pem"),
+            &list_pem,
+            "not a tagged COSE_Sign1",
+        ),
+    ];
+    for (list, key, message) in bad {
+        let out = verify(list, key);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}",
+            list.display(),
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(message),
+            "{}: {}",
+            list.display(),
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+        assert!(
+            !stderr(&out).lines().any(|l| l == "valid"),
+            "{}",
+            stderr(&out)
+        );
+    }
+
+    // The list needs its key.
+    let out = dev.run(&[
+        "verify",
+        "--trust",
+        dsc.to_str().unwrap(),
+        "--revocation",
+        revoked.to_str().unwrap(),
+        &hc1,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--revocation-key"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -257,6 +257,7 @@ fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
         client: "spiffe://x/issuer",
         request_id: "retry-1",
         uvci_prefix: "DEV",
+        replaces: None,
     };
     let first = iss
         .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)

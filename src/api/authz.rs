@@ -18,6 +18,9 @@ pub enum Service {
     Issuance,
     /// `dccsign.v1.Keys`: key lifecycle, security officers only.
     Keys,
+    /// `dccsign.v1.Revocation`: issuers (their own certificates) and officers (method checks
+    /// narrow it further).
+    Revocation,
 }
 
 impl Service {
@@ -26,6 +29,7 @@ impl Service {
         match self {
             Service::Issuance => &[Role::Issuer],
             Service::Keys => &[Role::Officer],
+            Service::Revocation => &[Role::Issuer, Role::Officer],
         }
     }
 }

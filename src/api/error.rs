@@ -71,7 +71,8 @@ pub fn grpc_code(e: &IssueError) -> Code {
         IssueError::Replay(_) => Code::Internal,
         IssueError::NoSigner(_)
         | IssueError::SignerNotYetValid { .. }
-        | IssueError::UsagePeriodOver(_) => Code::FailedPrecondition,
+        | IssueError::UsagePeriodOver(_)
+        | IssueError::NotReplaceable(_) => Code::FailedPrecondition,
         IssueError::Hsm(HsmError::Overloaded) => Code::ResourceExhausted,
         IssueError::Hsm(_) | IssueError::Ledger(_) => Code::Unavailable,
     }
@@ -197,4 +198,49 @@ pub fn from_key_op(e: &crate::keys::KeyOpError) -> Status {
         },
     };
     status(code, &message, &d)
+}
+
+/// The status for a revocation error: the code names the rule, the violation the field.
+pub fn from_revocation(e: &crate::revocation::engine::EngineError) -> Status {
+    use crate::revocation::engine::EngineError as E;
+    use crate::revocation::store::StoreError as S;
+    let (code, field, rule) = match e {
+        E::Store(S::NotFound) => (Code::NotFound, "uvci", "unknown-certificate"),
+        E::Store(S::NotSigned) => (Code::FailedPrecondition, "uvci", "not-signed"),
+        E::Store(S::NotRevoked) => (Code::FailedPrecondition, "uvci", "not-revoked"),
+        E::Store(S::Invalid { field, .. }) => (Code::InvalidArgument, *field, "invalid-parameter"),
+        E::NotConfigured(_) | E::Config(_) => (Code::FailedPrecondition, "", ""),
+        _ => (Code::Unavailable, "", ""),
+    };
+    let message = format!("{e} [{}]", e.code());
+    let d = pb::ErrorDetail {
+        code: e.code().into(),
+        request_id: String::new(),
+        violations: if field.is_empty() {
+            vec![]
+        } else {
+            vec![violation(field, e.code(), rule, &e.to_string())]
+        },
+    };
+    status(code, &message, &d)
+}
+
+/// PERMISSION_DENIED with `2-60-8003`: an issuer acting on a certificate it did not issue.
+pub fn not_your_certificate() -> Status {
+    let code = "2-60-8003";
+    let d = pb::ErrorDetail {
+        code: code.into(),
+        request_id: String::new(),
+        violations: vec![violation(
+            "uvci",
+            code,
+            "not-issued-by-caller",
+            "issuers may act only on certificates they issued",
+        )],
+    };
+    status(
+        Code::PermissionDenied,
+        &format!("uvci: issuers may act only on certificates they issued [{code}]"),
+        &d,
+    )
 }

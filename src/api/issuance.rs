@@ -118,7 +118,11 @@ fn prepare(caller: &Caller, r: pb::IssueRequest) -> Result<Prepared, Status> {
     Ok(Prepared { rid, t, body, qr })
 }
 
-fn response(rid: String, issued: Issued, qr: pb::QrFormat) -> Result<pb::IssueResponse, Status> {
+pub(super) fn response(
+    rid: String,
+    issued: Issued,
+    qr: pb::QrFormat,
+) -> Result<pb::IssueResponse, Status> {
     let mut resp = pb::IssueResponse {
         request_id: rid,
         uvci: issued.uvci,
@@ -185,6 +189,7 @@ impl IssuanceService {
                 client: &client,
                 request_id: &p.rid,
                 uvci_prefix: &prefix,
+                replaces: None,
             };
             match &p.body {
                 Body::Json(j) => {

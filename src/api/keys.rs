@@ -61,7 +61,7 @@ impl KeysService {
     }
 }
 
-fn op_info(o: Operation) -> pb::Operation {
+pub(super) fn op_info(o: Operation) -> pb::Operation {
     pb::Operation {
         id: o.id,
         operation: o.operation,

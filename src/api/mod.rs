@@ -13,6 +13,7 @@ pub mod issuance;
 pub mod keys;
 pub mod limits;
 pub mod pb;
+pub mod revocation;
 pub mod server;
 pub mod tls;
 

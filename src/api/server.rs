@@ -159,6 +159,26 @@ pub async fn serve(
     .map_err(|e| ServeError::Config(format!("key lifecycle: {e}")))?
     .with_switch(issuer.clone())
     .with_ledger(issuer.ledger().clone());
+    // Revocation: the store lives in the ledger database (migrated by SqliteLedger::open).
+    let revocation = Arc::new(
+        crate::revocation::engine::RevocationEngine::from_config(&cfg, token.clone())
+            .map_err(|e| ServeError::Config(format!("revocation: {e}")))?,
+    );
+    let manager = manager.with_bulk_revoker({
+        let engine = revocation.clone();
+        Arc::new(move |params, approver, now| {
+            let selector = crate::revocation::store::BulkSelector::from_params(params)?;
+            let reason = params["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .map_err(|e: crate::revocation::store::StoreError| e.to_string())?;
+            engine
+                .store()
+                .bulk_revoke(&selector, reason, approver, now)
+                .map_err(|e| e.to_string())
+        })
+    });
     let manager = match &cfg.keys.audit_key {
         Some(k) => {
             let (label, _) = crate::hsm::KeyUri::resolve(k, token.label())?;
@@ -192,6 +212,29 @@ pub async fn serve(
     {
         crate::keys::SignerSwitch::switch_to(&*issuer, dsc);
     }
+    // The outbox (and purge) on a schedule; `dccsign revocation publish` runs it at once.
+    {
+        let engine = revocation.clone();
+        let every = Duration::from_secs(cfg.revocation.outbox_interval_seconds.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                if let Err(e) = engine.run_once(now).await {
+                    tracing::error!(error = %e, code = e.code(), "revocation run failed");
+                }
+            }
+        });
+    }
+    let revocation_service =
+        pb::revocation_server::RevocationServer::new(super::revocation::RevocationService::new(
+            revocation,
+            issuer.clone(),
+            authz.clone(),
+            manager.clone(),
+        ))
+        .max_decoding_message_size(server_cfg.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
         issuer.clone(),
         authz.clone(),
@@ -227,6 +270,7 @@ pub async fn serve(
         .add_service(reflection_alpha)
         .add_service(issuance)
         .add_service(keys)
+        .add_service(revocation_service)
         .serve_with_incoming_shutdown(incoming, {
             let stop_tx = stop_tx.clone();
             async move {

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use dccsign::api::pb;
 use dccsign::dcc::CertType;
 
-use super::serve::{print_status, runtime, ClientArgs};
-use super::{ConfigArgs, EXIT_REJECTED};
+use super::serve::{exit_code, runtime, ClientArgs};
+use super::ConfigArgs;
 
 /// Arguments of `keys`.
 #[derive(clap::Args, Debug)]
@@ -303,24 +303,7 @@ fn keys_inner(args: KeysArgs) -> Result<ExitCode, String> {
             Ok(())
         }
         .await;
-        match result {
-            Ok(()) => Ok(ExitCode::SUCCESS),
-            Err(status) => {
-                print_status(&status);
-                Ok(if matches!(
-                    status.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::PermissionDenied
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::AlreadyExists
-                        | tonic::Code::NotFound
-                ) {
-                    ExitCode::from(EXIT_REJECTED)
-                } else {
-                    ExitCode::FAILURE
-                })
-            }
-        }
+        Ok(exit_code(result))
     })
 }
 

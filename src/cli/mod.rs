@@ -1,11 +1,12 @@
 //! Sub-commands. Exit codes: 0 success; 1 operational error (token, ledger, files); 2 rejected
 //! input (every problem is printed with field, rule and code); 3 the certificate is not valid
-//! (`verify`).
+//! (`verify`); 4 the certificate is revoked (`verify --revocation`).
 
 mod example;
 mod issue;
 mod keys;
 mod load;
+mod revocation;
 mod serve;
 mod verify;
 
@@ -20,6 +21,8 @@ use dccsign::config::Config;
 pub const EXIT_REJECTED: u8 = 2;
 /// Exit code for a certificate that does not verify.
 pub const EXIT_INVALID: u8 = 3;
+/// Exit code for a certificate whose signature verifies but which the revocation list revokes.
+pub const EXIT_REVOKED: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,6 +98,12 @@ enum Command {
     Audit(keys::AuditArgs),
     /// Write the trust list for verifiers: active DSCs and retired ones still needed (officer).
     TrustList(keys::TrustListArgs),
+    /// Revoke a certificate by its UVCI (issuers: their own; officers: any).
+    Revoke(revocation::RevokeArgs),
+    /// Issue a corrected certificate and revoke the old one as "replaced", atomically (issuer).
+    Replace(revocation::ReplaceArgs),
+    /// EU gateway batches, the outbox, the signed verifier list, lifts and bulk revocation.
+    Revocation(revocation::RevocationArgs),
     /// Development CSCA operator: certify a CSR as a DSC with the development CSCA; prints PEM.
     DevSignCsr {
         /// State directory written by `dev-init`.
@@ -162,6 +171,9 @@ pub fn run() -> ExitCode {
         Command::Keys(a) => keys::keys(a),
         Command::Audit(a) => keys::audit(a),
         Command::TrustList(a) => keys::trust_list(a),
+        Command::Revoke(a) => revocation::revoke(a),
+        Command::Replace(a) => revocation::replace(a),
+        Command::Revocation(a) => revocation::revocation(a),
         Command::DevSignCsr {
             state_dir,
             csr,

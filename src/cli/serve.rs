@@ -170,6 +170,30 @@ impl ClientArgs {
     }
 }
 
+/// The exit code of a client command: success, [`EXIT_REJECTED`](super::EXIT_REJECTED) for a
+/// refusal the caller must act on (printed with its codes), failure otherwise.
+pub fn exit_code(result: Result<(), tonic::Status>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(status) => {
+            print_status(&status);
+            if matches!(
+                status.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::NotFound
+            ) {
+                ExitCode::from(super::EXIT_REJECTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 /// Prints a refusal: status, field violations with codes, and the stable code.
 pub fn print_status(status: &tonic::Status) {
     use prost::Message;

@@ -1,14 +1,26 @@
-//! `dccsign verify`: decode and verify an HC1 against trusted DSC certificates.
+//! `dccsign verify`: decode and verify an HC1 against trusted DSC certificates and, optionally,
+//! against a signed verifier revocation list.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use dccsign::cose::{verify_hc1, TrustStore};
+use dccsign::revocation::list::{self, RevocationList};
 
-use super::EXIT_INVALID;
+use super::{EXIT_INVALID, EXIT_REVOKED};
 
 /// Arguments of `verify`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Exit codes: 0 valid; 1 operational error (unreadable files, or a revocation list that does not \
+verify with --revocation-key, is a delta, or is for another DSC); 2 bad arguments; 3 invalid \
+(signature, validity period or key usage); 4 revoked (the signature verifies and the \
+certificate's SIGNATURE hash is in the --revocation list; reported even if it has also expired).
+
+Revocation: --revocation takes a full verifier list of the certificate's DSC (a COSE_Sign1 file, \
+docs/revocation.md) and --revocation-key the list-signing public key (PEM; in a development \
+state directory: pki/revocation-list-key.pem). The list is checked before anything is printed; \
+a list whose signature does not verify is never taken as \"not revoked\".")]
 pub struct VerifyArgs {
     /// PEM file with one or more trusted DSC certificates (repeatable).
     #[arg(long, required = true)]
@@ -16,8 +28,39 @@ pub struct VerifyArgs {
     /// Verify as of this time (RFC 3339), default now.
     #[arg(long)]
     at: Option<String>,
+    /// Signed verifier revocation list (full form, COSE_Sign1) of the certificate's DSC; a
+    /// certificate whose SIGNATURE hash it holds is reported revoked (exit 4). Needs
+    /// --revocation-key.
+    #[arg(long, value_name = "LIST", requires = "revocation_key")]
+    revocation: Option<PathBuf>,
+    /// The list-signing public key (PEM) that --revocation must be signed with.
+    #[arg(long, value_name = "PEM", requires = "revocation")]
+    revocation_key: Option<PathBuf>,
     /// The `HC1:` string, or a file containing it, or `-` for standard input.
     input: String,
+}
+
+/// Reads and opens a verifier list: signature by the key in `key_pem`, full form.
+fn load_list(path: &Path, key_pem: &Path) -> Result<RevocationList, String> {
+    use p256::pkcs8::DecodePublicKey;
+    let pem = std::fs::read_to_string(key_pem)
+        .map_err(|e| format!("revocation key {}: {e}", key_pem.display()))?;
+    let key = p256::PublicKey::from_public_key_pem(&pem).map_err(|e| {
+        format!(
+            "revocation key {}: not a P-256 public key in PEM: {e}",
+            key_pem.display()
+        )
+    })?;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let list = list::open(&bytes, &key).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(since) = list.since() {
+        return Err(format!(
+            "{}: revocation list is a delta (since version {since}), not a full list; apply it \
+             to the full list first",
+            path.display()
+        ));
+    }
+    Ok(list)
 }
 
 /// Runs `verify`.
@@ -43,6 +86,17 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
                 }
             }
         }
+    };
+    let list = match (&args.revocation, &args.revocation_key) {
+        (Some(l), Some(k)) => match load_list(l, k) {
+            Ok(list) => Some(list),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        // clap requires both or neither.
+        _ => None,
     };
     let text = if args.input.starts_with("HC1:") {
         args.input.clone()
@@ -74,6 +128,15 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         .as_deref()
         .map(hex::encode)
         .unwrap_or_else(|| "-".into());
+    if let Some(list) = &list {
+        if report.kid.as_deref() != Some(&list.kid()[..]) {
+            eprintln!(
+                "error: the revocation list is for kid {}, the certificate has kid {kid}",
+                hex::encode(list.kid())
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     eprintln!(
         "kid {kid} iss {} type {} iat {} exp {}",
         report.iss.as_deref().unwrap_or("-"),
@@ -92,11 +155,31 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
             Err(f) => eprintln!("  {name}: FAILED: {f}"),
         }
     }
+    // A revocation hash only means something for an authentic signature.
+    let mut revoked = false;
+    if let Some(list) = &list {
+        let at = format!(
+            "list version {}, issued {}",
+            list.version(),
+            super::fmt_time(i64::try_from(list.issued()).ok())
+        );
+        match (&report.signature, report.signature_hash) {
+            (Ok(()), Some(h)) if list.contains(&h) => {
+                revoked = true;
+                eprintln!("  revocation: REVOKED ({at})");
+            }
+            (Ok(()), Some(_)) => eprintln!("  revocation: ok, not in the list ({at})"),
+            _ => eprintln!("  revocation: not checked, the signature does not verify"),
+        }
+    }
     println!(
         "{}",
         serde_json::to_string_pretty(&report.payload).unwrap_or_default()
     );
-    if report.is_valid() {
+    if revoked {
+        eprintln!("revoked");
+        ExitCode::from(EXIT_REVOKED)
+    } else if report.is_valid() {
         eprintln!("valid");
         ExitCode::SUCCESS
     } else {

@@ -11,6 +11,7 @@ use super::sign1::{self, Algorithm};
 use super::trust::{PublicKey, TrustStore, TrustedDsc};
 use super::{cbor_json, hc1, CoseError};
 use crate::dcc::CertType;
+use crate::revocation::hash::{signature_hash_es256, signature_hash_ps256, RevocationHash};
 
 /// Why a check failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +72,10 @@ pub struct Report {
     pub expiration: Result<(), VerifyFailure>,
     /// The DSC's extended key usage allows the statement type.
     pub key_usage: Result<(), VerifyFailure>,
+    /// The certificate's `SIGNATURE` revocation hash (ES256: over `r`; PS256: over the whole
+    /// signature), whether or not the signature verified; `None` for another algorithm or an
+    /// ES256 signature that is not 64 bytes.
+    pub signature_hash: Option<RevocationHash>,
 }
 
 impl Report {
@@ -159,6 +164,13 @@ pub fn verify_cose(
             _ => Ok(()),
         },
     };
+    let signature_hash = match msg.alg {
+        Some(Algorithm::Es256) => <&[u8; 64]>::try_from(msg.signature.as_slice())
+            .ok()
+            .map(signature_hash_es256),
+        Some(Algorithm::Ps256) => Some(signature_hash_ps256(&msg.signature)),
+        None => None,
+    };
     let key_usage = dsc.and_then(|d| match cert_type {
         None => Err(VerifyFailure::NoStatement),
         Some(t) if d.allows(t) => Ok(()),
@@ -174,6 +186,7 @@ pub fn verify_cose(
         signature,
         expiration,
         key_usage,
+        signature_hash,
     })
 }
 
@@ -225,6 +238,22 @@ mod tests {
         let digest = Sha256::digest(sign1::sig_structure(&header, &payload));
         let sig: p256::ecdsa::Signature = sk.sign_prehash(&digest).unwrap();
         sign1::assemble(&header, &payload, &sig.to_bytes().into())
+    }
+
+    #[test]
+    fn report_carries_the_signature_hash_over_r() {
+        let (sk, der) = dsc();
+        let mut trust = TrustStore::new();
+        trust.add_der(&der).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let t = now.unix_timestamp();
+        let cose = signed(&sk, &der, t, t + 3600);
+        let sig = sign1::parse(&cose).unwrap().signature;
+        let r = verify_cose(&cose, &trust, now).unwrap();
+        assert_eq!(
+            r.signature_hash.map(|h| h.to_vec()),
+            Some(Sha256::digest(&sig[..32])[..16].to_vec())
+        );
     }
 
     #[test]

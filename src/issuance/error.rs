@@ -32,6 +32,9 @@ pub enum IssueError {
     /// progress, or one was interrupted.
     #[error("request_id: an attempt with this request id is in progress or was interrupted; retry later [2-60-5008]")]
     RequestInProgress,
+    /// The certificate to replace is revoked, already replaced or not signed.
+    #[error("uvci: {0} [2-60-8004 not-replaceable]")]
+    NotReplaceable(String),
     /// A recorded request could not be rebuilt.
     #[error("the recorded request cannot be rebuilt: {0} [2-60-5009]")]
     Replay(String),
@@ -66,6 +69,7 @@ impl IssueError {
             IssueError::RequestIdReused => "2-60-1001-92",
             IssueError::RequestInProgress => "2-60-5008",
             IssueError::Replay(_) => "2-60-5009",
+            IssueError::NotReplaceable(_) => "2-60-8004",
             IssueError::NoSigner(_) => "2-60-5001",
             IssueError::UsagePeriodOver(_) => "2-60-5010",
             IssueError::SignerNotYetValid { .. } => "2-60-5002",

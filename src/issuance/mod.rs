@@ -109,6 +109,17 @@ pub struct RequestContext<'a> {
     pub request_id: &'a str,
     /// The UVCI prefix for certificates of this client.
     pub uvci_prefix: &'a str,
+    /// Ledger row of the certificate this one replaces (revoked as `replaced` atomically with
+    /// this one's completion).
+    pub replaces: Option<i64>,
+}
+
+/// What the ledger records with a reservation besides the certificate: the caller's request and
+/// the certificate this one replaces.
+#[derive(Debug, Default)]
+struct Recorded {
+    request: Option<RequestKey>,
+    replaces: Option<i64>,
 }
 
 /// Validates and signs certificates.
@@ -318,7 +329,10 @@ impl Issuer {
                     &mut rand::rngs::OsRng,
                 ));
             }
-            match self.sign(&signer, &dcc, t, iat, exp, None).await {
+            match self
+                .sign(&signer, &dcc, t, (iat, exp), Recorded::default())
+                .await
+            {
                 Err(IssueError::DuplicateUvci) if !given => continue,
                 other => return other,
             }
@@ -371,7 +385,11 @@ impl Issuer {
             request_id: ctx.request_id.to_string(),
             request_hash,
         };
-        self.sign(&signer, &dcc, t, iat, exp, Some(key)).await
+        let recorded = Recorded {
+            request: Some(key),
+            replaces: ctx.replaces,
+        };
+        self.sign(&signer, &dcc, t, (iat, exp), recorded).await
     }
 
     fn validated(
@@ -485,10 +503,10 @@ impl Issuer {
         signer: &Signer,
         dcc: &dcc::Dcc,
         t: CertType,
-        iat: i64,
-        exp: i64,
-        request: Option<RequestKey>,
+        (iat, exp): (i64, i64),
+        recorded: Recorded,
     ) -> Result<Issued, IssueError> {
+        let Recorded { request, replaces } = recorded;
         let uvci = dcc.uvci().unwrap_or_default().to_string();
         let claims = CwtClaims {
             iss: self.settings.country.clone(),
@@ -508,6 +526,7 @@ impl Issuer {
             kid: signer.dsc.dsc.kid,
             iat,
             exp,
+            replaces,
         };
         let reservation = ledger::write(&*self.ledger, LedgerWrite::Reserve(reservation, request))
             .await
@@ -515,6 +534,7 @@ impl Issuer {
             .map_err(|e| match e {
                 LedgerError::DuplicateUvci { .. } => IssueError::DuplicateUvci,
                 LedgerError::DuplicateRequest => IssueError::RequestInProgress,
+                LedgerError::NotReplaceable(why) => IssueError::NotReplaceable(why),
                 other => IssueError::Ledger(other),
             })?;
         metrics::histogram!("dccsign_ledger_commit_seconds")

@@ -3,7 +3,9 @@
 //! Creates (only what is missing, so running it twice changes nothing): the SoftHSM config and
 //! token directory, random user and SO PINs in mode-0600 files, the token, a CSCA key with a
 //! self-signed certificate, one DSC key per certificate type with a certificate signed by the
-//! CSCA, and `dccsign.toml`. Every private key is generated inside the token.
+//! CSCA, an upload key with its certificate (signed by the CSCA) for EU gateway batches, the
+//! audit key and the revocation-list key with their public keys, the TLS PKI, and
+//! `dccsign.toml`. Every private key is generated inside the token.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -11,9 +13,10 @@ use std::time::{Duration, SystemTime};
 use der::DecodePem;
 use rand::distributions::{Alphanumeric, DistString};
 use secrecy::SecretString;
+use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::Certificate;
 
-use super::certificate::{build_csca, build_dsc, to_pem, CertProfile};
+use super::certificate::{build_csca, build_dsc, build_leaf, to_pem, CertProfile};
 use super::tls::{issue_tls_leaf, TlsRole};
 use super::KeysError;
 use crate::dcc::CertType;
@@ -26,6 +29,10 @@ const CSCA_LABEL: &str = "dev-csca";
 /// Label of the HMAC key for generated UVCIs.
 const UVCI_KEY_LABEL: &str = "uvci-hmac";
 const AUDIT_KEY_LABEL: &str = "audit-key";
+/// Label of the key that signs the verifier revocation list.
+const REVOCATION_LIST_KEY_LABEL: &str = "revocation-list-key";
+/// Label of the key that signs revocation batches (CMS) for the EU gateway.
+const UPLOAD_KEY_LABEL: &str = "upload-key";
 /// Label of the development TLS CA key.
 const TLS_CA_LABEL: &str = "dev-tls-ca";
 /// The client certificates `dev-init` creates: issuers and security officers.
@@ -109,6 +116,25 @@ fn ensure_key(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Writes the public key of `key` as PEM to `path` unless the file exists.
+fn ensure_public_pem(
+    key: &KeyHandle,
+    path: &Path,
+    what: &str,
+    created: &mut Vec<String>,
+) -> Result<(), KeysError> {
+    if !path.exists() {
+        use p256::pkcs8::EncodePublicKey;
+        let pem = key
+            .public_key
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .map_err(|e| KeysError::Build(e.to_string()))?;
+        write_new(path, &pem)?;
+        created.push(format!("{what} {}", path.display()));
+    }
+    Ok(())
 }
 
 /// Opens the development token of an existing state directory.
@@ -288,6 +314,30 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
         }
     }
 
+    // The upload key: signs revocation batches (CMS) for the EU gateway. Its certificate is an
+    // end-entity certificate from the CSCA with keyUsage digitalSignature and no extended key
+    // usage (it signs no health certificates).
+    let upload_key = ensure_key(&token, UPLOAD_KEY_LABEL, &mut created)?;
+    let upload_path = pki.join("upload.pem");
+    if !upload_path.exists() {
+        let cert = build_leaf(
+            &token,
+            &csca_key,
+            &csca_cert,
+            &upload_key.public_key,
+            &[],
+            None,
+            &CertProfile {
+                subject: format!("CN=dccsign development upload,O=dccsign development,C={country}"),
+                not_before: now,
+                lifetime: Duration::from_secs(730 * DAY),
+            },
+            KeyUsages::DigitalSignature,
+        )?;
+        write_new(&upload_path, &to_pem(&cert)?)?;
+        created.push(format!("certificate {}", upload_path.display()));
+    }
+
     // The HMAC key from which generated UVCIs are derived (idempotent retries).
     if let Err(crate::hsm::HsmError::KeyNotFound(_)) = token.find_hmac_key(UVCI_KEY_LABEL) {
         token.generate_hmac_key(UVCI_KEY_LABEL)?;
@@ -298,16 +348,20 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
     let tls_dir = pki.join("tls");
     std::fs::create_dir_all(&tls_dir).map_err(io(&tls_dir))?;
     let audit_key = ensure_key(&token, AUDIT_KEY_LABEL, &mut created)?;
-    let audit_pem = pki.join("audit-key.pem");
-    if !audit_pem.exists() {
-        use p256::pkcs8::EncodePublicKey;
-        let pem = audit_key
-            .public_key
-            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
-            .map_err(|e| KeysError::Build(e.to_string()))?;
-        write_new(&audit_pem, &pem)?;
-        created.push(format!("audit public key {}", audit_pem.display()));
-    }
+    ensure_public_pem(
+        &audit_key,
+        &pki.join("audit-key.pem"),
+        "audit public key",
+        &mut created,
+    )?;
+    // The key that signs the verifier revocation list; verifiers check it with the PEM.
+    let list_key = ensure_key(&token, REVOCATION_LIST_KEY_LABEL, &mut created)?;
+    ensure_public_pem(
+        &list_key,
+        &pki.join("revocation-list-key.pem"),
+        "revocation list public key",
+        &mut created,
+    )?;
     let tls_ca_key = ensure_key(&token, TLS_CA_LABEL, &mut created)?;
     let tls_ca_path = tls_dir.join("ca.pem");
     if !tls_ca_path.exists() {
@@ -413,6 +467,25 @@ checkpoint_interval_seconds = 300
 [[keys.csca]]
 certificate = "pki/csca.pem"
 environment = "test"
+
+# Revocation: EU gateway batches, the signed verifier list, retention.
+[revocation]
+# Base URL of the EU gateway; without it batches are built and kept but not delivered.
+# gateway_url = "https://dgcg.example.eu"
+# CA certificates (PEM) that the gateway's server certificate chains to.
+# gateway_ca = "pki/gateway-ca.pem"
+# Our TLS client certificate (PEM) towards the gateway, as registered there.
+# gateway_client_certificate = "pki/gateway-client.pem"
+# Its private key (PEM, mode 0600).
+# gateway_client_key = "secrets/gateway-client.key"
+# Key in the token that signs batches (CMS), and its certificate embedded in each CMS.
+upload_key = "{UPLOAD_KEY_LABEL}"
+upload_certificate = "pki/upload.pem"
+# Key in the token that signs the verifier list, and its public key (dccsign verify --revocation-key).
+list_key = "{REVOCATION_LIST_KEY_LABEL}"
+list_public_key = "pki/revocation-list-key.pem"
+# Days after a certificate's expiry before its rows are purged (Swedish rule: 7).
+retention_days = 7
 
 [validation]
 max_sample_age_hours = 168

@@ -37,6 +37,10 @@ pub enum LedgerError {
     /// The reservation to complete or release does not exist or is not in state `reserved`.
     #[error("reservation {0} is not pending")]
     NotReserved(i64),
+    /// The certificate to replace cannot be replaced (revoked, already replaced, not signed or
+    /// unknown).
+    #[error("the certificate cannot be replaced: {0}")]
+    NotReplaceable(String),
     /// The database failed (disk full, locked beyond the timeout, I/O error…).
     #[error("ledger database: {0}")]
     Database(String),
@@ -63,6 +67,10 @@ pub struct Reservation {
     pub iat: i64,
     /// Expiry (Unix seconds).
     pub exp: i64,
+    /// Row id of the certificate this one replaces: the reservation fails unless that one is
+    /// signed, not revoked and not already replaced, and the completion revokes it as
+    /// `replaced` in the same transaction.
+    pub replaces: Option<i64>,
 }
 
 /// A caller's request, recorded with the reservation so a retry returns the same certificate.
@@ -102,6 +110,8 @@ pub struct CertificateRecord {
     pub signature_hash: Option<RevocationHash>,
     /// `reserved` or `signed`.
     pub state: String,
+    /// The client that asked for it (`None` for offline issuance).
+    pub issuer: Option<String>,
 }
 
 /// Rows recorded since a given row: the last row id and the count per kid.

@@ -51,6 +51,68 @@ CREATE INDEX requests_certificate ON requests (certificate_id);
     r#"
 DROP INDEX certificates_signature_hash;
 "#,
+    // Revocation (docs/revocation.md): who issued each certificate, which one it replaces, the
+    // revocation rows, the immutable gateway batches and the outbox that delivers them.
+    r#"
+ALTER TABLE certificates ADD COLUMN issuer TEXT;
+ALTER TABLE certificates ADD COLUMN replaces INTEGER;
+CREATE UNIQUE INDEX certificates_replaces ON certificates (replaces) WHERE replaces IS NOT NULL;
+CREATE INDEX certificates_issuer_iat ON certificates (issuer, iat) WHERE issuer IS NOT NULL;
+CREATE INDEX certificates_exp ON certificates (exp);
+CREATE TABLE counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO counters (name, value) VALUES ('revocation_version', 0), ('events_version', 0);
+CREATE TABLE revocations (
+    certificate_id  INTEGER PRIMARY KEY REFERENCES certificates (id) ON DELETE CASCADE,
+    reason          TEXT    NOT NULL CHECK (reason IN ('wrong-patient', 'serious-error', 'fraud', 'suspended', 'replaced')),
+    revoked_by      TEXT    NOT NULL,
+    revoked_at      INTEGER NOT NULL,
+    until           INTEGER CHECK (until IS NULL OR reason = 'suspended'),
+    added_version   INTEGER NOT NULL,
+    lifted_by       TEXT,
+    lifted_at       INTEGER,
+    removed_version INTEGER,
+    CHECK ((lifted_at IS NULL) = (removed_version IS NULL))
+);
+CREATE INDEX revocations_added ON revocations (added_version);
+CREATE INDEX revocations_removed ON revocations (removed_version) WHERE removed_version IS NOT NULL;
+CREATE TABLE batches (
+    id          INTEGER PRIMARY KEY,
+    kid         BLOB    NOT NULL CHECK (length(kid) = 8),
+    hash_type   TEXT    NOT NULL CHECK (hash_type IN ('SIGNATURE', 'UCI', 'COUNTRYCODEUCI')),
+    expires     INTEGER NOT NULL,
+    entries     INTEGER NOT NULL CHECK (entries BETWEEN 1 AND 1000),
+    json        BLOB    NOT NULL,
+    cms         TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    state       TEXT    NOT NULL CHECK (state IN ('active', 'deleted')),
+    gateway_id  TEXT
+);
+CREATE TABLE batch_entries (
+    certificate_id INTEGER NOT NULL REFERENCES certificates (id) ON DELETE CASCADE,
+    hash_type      TEXT    NOT NULL,
+    batch_id       INTEGER NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    PRIMARY KEY (certificate_id, hash_type)
+);
+CREATE INDEX batch_entries_batch ON batch_entries (batch_id);
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    kind            TEXT    NOT NULL CHECK (kind IN ('upload', 'delete', 'event')),
+    target          TEXT    NOT NULL,
+    batch_id        INTEGER REFERENCES batches (id) ON DELETE CASCADE,
+    body            BLOB,
+    state           TEXT    NOT NULL CHECK (state IN ('pending', 'delivered', 'failed', 'cancelled')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    purge_after     INTEGER NOT NULL
+);
+CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+"#,
 ];
 
 /// A ledger in one SQLite file.
@@ -157,11 +219,15 @@ fn write_reserve(
     r: &Reservation,
     request: Option<&RequestKey>,
 ) -> Result<ReservationId, LedgerError> {
+    if let Some(old) = r.replaces {
+        check_replaceable(c, old)?;
+    }
+    let issuer = request.map(|q| q.client.as_str());
     let res = exec(
         c,
-        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7)",
-        params![&r.uci_hash[..], &r.country_uci_hash[..], r.cert_type.as_str(), &r.kid[..], r.iat, r.exp, now()],
+        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9)",
+        params![&r.uci_hash[..], &r.country_uci_hash[..], r.cert_type.as_str(), &r.kid[..], r.iat, r.exp, now(), issuer, r.replaces],
     );
     match res {
         Ok(_) => {}
@@ -180,9 +246,12 @@ fn write_reserve(
                 .prepare_cached("SELECT state FROM certificates WHERE uci_hash = ?1")?
                 .query_row(params![&r.uci_hash[..]], |row| row.get(0))
                 .optional()?;
-            return match state {
-                Some(state) => Err(LedgerError::DuplicateUvci { state }),
-                None => Err(LedgerError::Database(
+            return match (state, r.replaces) {
+                (Some(state), _) => Err(LedgerError::DuplicateUvci { state }),
+                (None, Some(_)) => Err(LedgerError::NotReplaceable(
+                    "a replacement of it is already recorded".into(),
+                )),
+                (None, None) => Err(LedgerError::Database(
                     "constraint violation on insert".into(),
                 )),
             };
@@ -209,26 +278,64 @@ fn write_reserve(
     Ok(ReservationId(id))
 }
 
+/// A certificate may be replaced when it is signed, not revoked and not replaced yet.
+fn check_replaceable(c: &Connection, old: i64) -> Result<(), LedgerError> {
+    let row: Option<(String, bool, bool)> = c
+        .prepare_cached(
+            "SELECT c.state,
+                    EXISTS (SELECT 1 FROM revocations r WHERE r.certificate_id = c.id AND r.lifted_at IS NULL),
+                    EXISTS (SELECT 1 FROM certificates n WHERE n.replaces = c.id)
+             FROM certificates c WHERE c.id = ?1",
+        )?
+        .query_row(params![old], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    match row {
+        None => Err(LedgerError::NotReplaceable(
+            "it is not in the ledger".into(),
+        )),
+        Some((state, _, _)) if state != "signed" => {
+            Err(LedgerError::NotReplaceable("it was never signed".into()))
+        }
+        Some((_, true, _)) => Err(LedgerError::NotReplaceable("it is revoked".into())),
+        Some((_, _, true)) => Err(LedgerError::NotReplaceable("it is already replaced".into())),
+        Some(_) => Ok(()),
+    }
+}
+
 fn write_complete(
     c: &Connection,
     id: ReservationId,
     h: &RevocationHash,
     signature: &[u8; 64],
 ) -> Result<(), LedgerError> {
-    let n = exec(
-        c,
-        "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
-         WHERE id = ?1 AND state = 'reserved'",
-        params![id.0, &h[..], now()],
-    )?;
-    if n != 1 {
+    let t = now();
+    let done: Option<(Option<i64>, Option<String>)> = c
+        .prepare_cached(
+            "UPDATE certificates SET state = 'signed', signature_hash = ?2, signed_at = ?3
+             WHERE id = ?1 AND state = 'reserved' RETURNING replaces, issuer",
+        )?
+        .query_row(params![id.0, &h[..], t], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((replaces, issuer)) = done else {
         return Err(LedgerError::NotReserved(id.0));
-    }
+    };
     exec(
         c,
         "UPDATE requests SET signature = ?2 WHERE certificate_id = ?1",
         params![id.0, &signature[..]],
     )?;
+    if let Some(old) = replaces {
+        // The replaced certificate is revoked in the transaction that makes its replacement
+        // exist. Revoked meanwhile for another reason: that revocation stands.
+        let by = issuer.unwrap_or_else(|| "replace".into());
+        if crate::revocation::store::insert_revocation(c, old, "replaced", &by, t, None)?.is_none()
+        {
+            tracing::info!(
+                certificate = old,
+                "replaced certificate was already revoked"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -338,9 +445,11 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
             })?,
             iat: r.get("iat")?,
             exp: r.get("exp")?,
+            replaces: r.get("replaces")?,
         },
         signature_hash: sig.map(hash16).transpose()?,
         state: r.get("state")?,
+        issuer: r.get("issuer")?,
     })
 }
 
@@ -467,6 +576,7 @@ mod tests {
             kid: [7; 8],
             iat: 1_000,
             exp: 2_000,
+            replaces: None,
         }
     }
 

@@ -7,7 +7,9 @@
 //! [`list`] turns the revocation rows of one kid into the signed verifier list.
 
 pub mod batch;
+pub mod engine;
 pub mod gateway;
 pub mod hash;
 pub mod list;
 pub mod schedule;
+pub mod store;

@@ -225,7 +225,14 @@ pub struct KeyManager {
     switch: Option<Arc<dyn SignerSwitch>>,
     ledger: Option<Arc<dyn Ledger>>,
     audit_key: Option<KeyHandle>,
+    bulk_revoker: Option<BulkRevoker>,
 }
+
+/// Carries out an approved bulk revocation (parameters as requested, the approving officer,
+/// now) and says how many certificates it revoked. Idempotent: approving again after a crash
+/// between the revocations and the audit entry revokes nothing twice.
+pub type BulkRevoker =
+    Arc<dyn Fn(&Value, &str, i64) -> Result<u64, String> + Send + Sync + 'static>;
 
 impl std::fmt::Debug for KeyManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,6 +340,7 @@ impl KeyManager {
             switch: None,
             ledger: None,
             audit_key: None,
+            bulk_revoker: None,
         })
     }
 
@@ -504,11 +512,59 @@ impl KeyManager {
             "keys.activate" => self.execute_activate(&op, officer, now),
             "keys.retire" => self.execute_retire(&op, officer, now),
             "keys.destroy" => self.execute_destroy(&op, officer, now),
+            "revocation.bulk" => self.execute_bulk_revocation(&op, officer, now),
             other => Err(KeyOpError::Invalid {
                 field: "operation",
                 message: format!("unknown operation kind {other}"),
             }),
         }
+    }
+
+    /// Bulk revocations are approved by a second officer like key operations.
+    pub fn with_bulk_revoker(mut self, f: BulkRevoker) -> Self {
+        self.bulk_revoker = Some(f);
+        self
+    }
+
+    /// Asks for a two-person operation that another module carries out on approval (today:
+    /// `revocation.bulk`); audited like the key operations.
+    pub fn request_operation(
+        &self,
+        officer: &str,
+        operation: &str,
+        parameters: Value,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        if operation != "revocation.bulk" || self.bulk_revoker.is_none() {
+            return Err(KeyOpError::Invalid {
+                field: "operation",
+                message: format!("{operation} is not an operation this daemon carries out"),
+            });
+        }
+        self.request(officer, operation, parameters, now)
+    }
+
+    fn execute_bulk_revocation(
+        &self,
+        op: &Operation,
+        approver: &str,
+        now: i64,
+    ) -> Result<Operation, KeyOpError> {
+        let Some(revoke) = &self.bulk_revoker else {
+            return Err(KeyOpError::Invalid {
+                field: "operation",
+                message: "bulk revocation is not configured in this daemon".into(),
+            });
+        };
+        let checked = revoke(&op.parameters, approver, now).map_err(KeyOpError::Database);
+        let n = self.audit_refusal(approver, "revocation.bulk", &op.parameters, checked, now)?;
+        self.finish(
+            op,
+            approver,
+            now,
+            &format!("ok: revoked {n} certificates"),
+            |_| Ok(()),
+        )
     }
 
     fn finish(

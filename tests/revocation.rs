@@ -1,0 +1,679 @@
+//! Revocation against the real daemon (mTLS, SoftHSM, SQLite): revoke and replace with the
+//! issuer rules, bulk revocation under the two-person rule, the signed verifier list checked by
+//! `dccsign verify`, delivery to a stand-in EU gateway through the outbox (503, 400, restart,
+//! lift → deletion and re-batching, subscriber events), and the retention purge.
+
+mod common;
+#[path = "common/gateway.rs"]
+mod gateway;
+
+use std::process::Output;
+
+use common::{stderr, stdout, Daemon};
+use sha2::{Digest, Sha256};
+
+/// `dccsign <args…> --state-dir … --addr … --as who` against the daemon.
+fn cli(d: &Daemon, who: &str, args: &[&str]) -> Output {
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    // Client options go right after the command (`revocation` has subcommands).
+    let mut all: Vec<&str> = vec![args[0], "--state-dir", &dir, "--addr", &d.addr, "--as", who];
+    all.extend_from_slice(&args[1..]);
+    d.dev.run(&all)
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    format!("{}{}", stdout(&o), stderr(&o))
+}
+
+/// Refused with exit code 2 and the given stable code.
+fn refused(o: Output, code: &str) -> String {
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{}\n{err}", stdout(&o));
+    assert!(err.contains(code), "expected {code}: {err}");
+    err
+}
+
+/// Issues one certificate of type `t` through `dccsign issue`; returns (UVCI, HC1).
+fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
+    let mut p = d.dev.example(t);
+    let group = match t {
+        "test" => "t",
+        "vaccination" => "v",
+        _ => "r",
+    };
+    if !keep_ci {
+        p[group][0].as_object_mut().unwrap().remove("ci");
+    }
+    let path = d.dev.file(&format!("p-{}.json", rand_name()));
+    std::fs::write(&path, p.to_string()).unwrap();
+    let out = ok(cli(
+        d,
+        who,
+        &["issue", "--type", t, "--payload", path.to_str().unwrap()],
+    ));
+    let hc1 = out
+        .lines()
+        .find(|l| l.starts_with("HC1:"))
+        .expect("an HC1 line")
+        .to_string();
+    (uvci_of(d, &hc1), hc1)
+}
+
+fn rand_name() -> String {
+    let mut b = [0u8; 6];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    hex::encode(b)
+}
+
+/// The UVCI inside an HC1 (decoded by `dccsign verify`'s JSON output).
+fn uvci_of(d: &Daemon, hc1: &str) -> String {
+    let json = verify(d, hc1, &[]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("verify prints JSON");
+    for g in ["v", "t", "r"] {
+        if let Some(ci) = v.pointer(&format!("/{g}/0/ci")).and_then(|c| c.as_str()) {
+            return ci.to_string();
+        }
+    }
+    panic!("no ci in {v}");
+}
+
+fn verify(d: &Daemon, hc1: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["verify"];
+    let trust: Vec<String> = ["test", "vaccination", "recovery"]
+        .iter()
+        .map(|t| d.dev.dsc_pem(t).to_str().unwrap().to_string())
+        .collect();
+    for t in &trust {
+        args.extend_from_slice(&["--trust", t]);
+    }
+    args.extend_from_slice(extra);
+    args.push(hc1);
+    d.dev.run(&args)
+}
+
+/// The COSE signature of an HC1, decoded here without dccsign's decoder: base45 → zlib → CBOR.
+fn cose_signature(hc1: &str) -> Vec<u8> {
+    let z = base45::decode(hc1.trim_start_matches("HC1:")).unwrap();
+    let mut cose = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&z[..]), &mut cose).unwrap();
+    let v: ciborium::Value = ciborium::from_reader(&cose[..]).unwrap();
+    let arr = match v {
+        ciborium::Value::Tag(18, inner) => inner.into_array().unwrap(),
+        other => other.into_array().unwrap(),
+    };
+    arr[3].as_bytes().unwrap().clone()
+}
+
+fn ledger(d: &Daemon) -> rusqlite::Connection {
+    rusqlite::Connection::open(d.dev.file("ledger.sqlite")).unwrap()
+}
+
+fn count(d: &Daemon, sql: &str) -> i64 {
+    ledger(d).query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
+    let d = Daemon::start();
+    let (uvci_a, hc1_a) = issue(&d, "issuer-all", "vaccination", true);
+    let (uvci_b, _) = issue(&d, "issuer-test", "test", false);
+    let (_, hc1_c) = issue(&d, "issuer-all", "vaccination", true);
+
+    // The SIGNATURE hash the ledger recorded equals SHA-256(r)[0..16] computed here.
+    let sig = cose_signature(&hc1_a);
+    let expected: [u8; 16] = Sha256::digest(&sig[..32])[..16].try_into().unwrap();
+    let uci: [u8; 16] = Sha256::digest(uvci_a.as_bytes())[..16].try_into().unwrap();
+    let recorded: Vec<u8> = ledger(&d)
+        .query_row(
+            "SELECT signature_hash FROM certificates WHERE uci_hash = ?1",
+            [&uci[..]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(recorded, expected);
+
+    // Another issuer may not revoke it; an unknown UVCI is NOT_FOUND; the reason is checked.
+    refused(
+        cli(
+            &d,
+            "issuer-test",
+            &["revoke", "--uvci", &uvci_a, "--reason", "fraud"],
+        ),
+        "2-60-8003",
+    );
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "revoke",
+                "--uvci",
+                "URN:UVCI:01:SE:DEV/NOSUCHCERT1",
+                "--reason",
+                "fraud",
+            ],
+        ),
+        "2-60-8002",
+    );
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &["revoke", "--uvci", &uvci_a, "--reason", "because"],
+        ),
+        "2-60-8001",
+    );
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "revoke",
+                "--uvci",
+                &uvci_a,
+                "--reason",
+                "fraud",
+                "--until",
+                "2099-01-01T00:00:00Z",
+            ],
+        ),
+        "2-60-8001",
+    );
+    // Its issuer may; twice changes nothing.
+    let first = ok(cli(
+        &d,
+        "issuer-all",
+        &["revoke", "--uvci", &uvci_a, "--reason", "wrong-patient"],
+    ));
+    assert!(first.contains("revoked: version 1"), "{first}");
+    let again = ok(cli(
+        &d,
+        "issuer-all",
+        &["revoke", "--uvci", &uvci_a, "--reason", "wrong-patient"],
+    ));
+    assert!(again.contains("already revoked"), "{again}");
+    assert_eq!(count(&d, "SELECT count(*) FROM revocations"), 1);
+    // A revoked certificate cannot be replaced.
+    let fixed = d.dev.file("fixed.json");
+    let mut p = d.dev.example("vaccination");
+    p["v"][0].as_object_mut().unwrap().remove("ci");
+    std::fs::write(&fixed, p.to_string()).unwrap();
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "replace",
+                "--uvci",
+                &uvci_a,
+                "--payload",
+                fixed.to_str().unwrap(),
+            ],
+        ),
+        "2-60-8004",
+    );
+
+    // Replace B: a new certificate, B revoked as "replaced" in the same transaction.
+    let fixed_t = d.dev.file("fixed-t.json");
+    let mut p = d.dev.example("test");
+    p["t"][0].as_object_mut().unwrap().remove("ci");
+    std::fs::write(&fixed_t, p.to_string()).unwrap();
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "replace",
+                "--uvci",
+                &uvci_b,
+                "--payload",
+                fixed_t.to_str().unwrap(),
+            ],
+        ),
+        "2-60-8003",
+    );
+    let out = ok(cli(
+        &d,
+        "issuer-test",
+        &[
+            "replace",
+            "--uvci",
+            &uvci_b,
+            "--payload",
+            fixed_t.to_str().unwrap(),
+        ],
+    ));
+    let new_hc1 = out
+        .lines()
+        .find(|l| l.starts_with("HC1:"))
+        .unwrap()
+        .to_string();
+    assert!(verify(&d, &new_hc1, &[]).status.success());
+    let uci_b: [u8; 16] = Sha256::digest(uvci_b.as_bytes())[..16].try_into().unwrap();
+    let (reason, by): (String, String) = ledger(&d)
+        .query_row(
+            "SELECT r.reason, r.revoked_by FROM revocations r JOIN certificates c ON c.id = r.certificate_id
+             WHERE c.uci_hash = ?1",
+            [&uci_b[..]],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(reason, "replaced");
+    assert!(by.ends_with("issuer-test"), "{by}");
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM certificates WHERE replaces IS NOT NULL AND state = 'signed'"
+        ),
+        1
+    );
+    // The same replacement again is a retry: the same new certificate, nothing else issued.
+    let retry = ok(cli(
+        &d,
+        "issuer-test",
+        &[
+            "replace",
+            "--uvci",
+            &uvci_b,
+            "--payload",
+            fixed_t.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        retry.contains(&new_hc1),
+        "a retried replacement returns the same certificate"
+    );
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM certificates WHERE replaces IS NOT NULL"
+        ),
+        1
+    );
+    // Another replacement of a replaced certificate is refused.
+    let mut p2 = d.dev.example("test");
+    p2["t"][0].as_object_mut().unwrap().remove("ci");
+    p2["t"][0]["tc"] = serde_json::json!("Another test centre");
+    std::fs::write(&fixed_t, p2.to_string()).unwrap();
+    refused(
+        cli(
+            &d,
+            "issuer-test",
+            &[
+                "replace",
+                "--uvci",
+                &uvci_b,
+                "--payload",
+                fixed_t.to_str().unwrap(),
+            ],
+        ),
+        "2-60-8004",
+    );
+
+    // Suspension with an end; an officer may lift any revocation.
+    let (uvci_s, _) = issue(&d, "issuer-all", "recovery", false);
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "revoke",
+                "--uvci",
+                &uvci_s,
+                "--reason",
+                "suspended",
+                "--until",
+                "2001-01-01T00:00:00Z",
+            ],
+        ),
+        "2-60-8001",
+    );
+    ok(cli(
+        &d,
+        "issuer-all",
+        &[
+            "revoke",
+            "--uvci",
+            &uvci_s,
+            "--reason",
+            "suspended",
+            "--until",
+            "2099-01-01T00:00:00Z",
+        ],
+    ));
+    refused(
+        cli(&d, "issuer-all", &["revocation", "lift", "--uvci", &uvci_s]),
+        "2-60-9001",
+    );
+    ok(cli(
+        &d,
+        "officer-1",
+        &["revocation", "lift", "--uvci", &uvci_s],
+    ));
+    refused(
+        cli(&d, "officer-1", &["revocation", "lift", "--uvci", &uvci_s]),
+        "2-60-8006",
+    );
+
+    // The signed verifier list of the vaccination DSC: A is revoked, C is not.
+    let kid = kid_of(&d, &hc1_a);
+    let list = d.dev.file("list.cbor");
+    ok(cli(
+        &d,
+        "issuer-all",
+        &[
+            "revocation",
+            "list",
+            "--kid",
+            &kid,
+            "--out",
+            list.to_str().unwrap(),
+        ],
+    ));
+    let key = d.dev.file("pki/revocation-list-key.pem");
+    let extra = [
+        "--revocation",
+        list.to_str().unwrap(),
+        "--revocation-key",
+        key.to_str().unwrap(),
+    ];
+    let revoked = verify(&d, &hc1_a, &extra);
+    assert!(
+        !revoked.status.success(),
+        "a revoked certificate must not verify as valid"
+    );
+    assert!(
+        format!("{}{}", stdout(&revoked), stderr(&revoked))
+            .to_lowercase()
+            .contains("revoked"),
+        "{}",
+        stderr(&revoked)
+    );
+    let valid = verify(&d, &hc1_c, &extra);
+    assert!(valid.status.success(), "{}", stderr(&valid));
+    // A list signed by another key is refused, never "valid".
+    let other = d.dev.file("pki/audit-key.pem");
+    let wrong = verify(
+        &d,
+        &hc1_c,
+        &[
+            "--revocation",
+            list.to_str().unwrap(),
+            "--revocation-key",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(!wrong.status.success());
+
+    // The daemon's log names no UVCI.
+    for u in [&uvci_a, &uvci_b, &uvci_s] {
+        assert!(!d.log().contains(u.as_str()), "UVCI in the log");
+    }
+}
+
+/// The kid (hex) of the DSC that signed an HC1.
+fn kid_of(d: &Daemon, hc1: &str) -> String {
+    let _ = d;
+    let z = base45::decode(hc1.trim_start_matches("HC1:")).unwrap();
+    let mut cose = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&z[..]), &mut cose).unwrap();
+    let v: ciborium::Value = ciborium::from_reader(&cose[..]).unwrap();
+    let arr = match v {
+        ciborium::Value::Tag(18, inner) => inner.into_array().unwrap(),
+        other => other.into_array().unwrap(),
+    };
+    let prot: ciborium::Value = ciborium::from_reader(&arr[0].as_bytes().unwrap()[..]).unwrap();
+    let kid = prot
+        .as_map()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.as_integer() == Some(4.into()))
+        .map(|(_, v)| v.as_bytes().unwrap().clone())
+        .unwrap();
+    hex::encode(kid)
+}
+
+#[test]
+fn bulk_revocation_needs_a_second_officer() {
+    let d = Daemon::start();
+    for _ in 0..3 {
+        issue(&d, "issuer-all", "test", false);
+    }
+    issue(&d, "issuer-test", "test", false);
+    let from = "2000-01-01T00:00:00Z";
+    let to = "2100-01-01T00:00:00Z";
+    refused(
+        cli(
+            &d,
+            "issuer-all",
+            &[
+                "revocation",
+                "bulk",
+                "--reason",
+                "fraud",
+                "--issuer",
+                "x",
+                "--from",
+                from,
+                "--to",
+                to,
+            ],
+        ),
+        "2-60-9001",
+    );
+    let op = ok(cli(
+        &d,
+        "officer-1",
+        &[
+            "revocation",
+            "bulk",
+            "--reason",
+            "fraud",
+            "--issuer",
+            "spiffe://dccsign.dev/issuer-all",
+            "--from",
+            from,
+            "--to",
+            to,
+        ],
+    ));
+    let op = op
+        .lines()
+        .find(|l| l.starts_with("OP-"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        count(&d, "SELECT count(*) FROM revocations"),
+        0,
+        "nothing before approval"
+    );
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let keys = |who: &str| {
+        d.dev.run(&[
+            "keys",
+            "--state-dir",
+            &dir,
+            "--addr",
+            &d.addr,
+            "--as",
+            who,
+            "approve",
+            &op,
+        ])
+    };
+    refused(keys("officer-1"), "2-60-7004");
+    let done = ok(keys("officer-2"));
+    assert!(done.contains("revoked 3 certificates"), "{done}");
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM revocations WHERE reason = 'fraud'"
+        ),
+        3
+    );
+}
+
+/// The daemon's config with a gateway (the stand-in), a subscriber and fast retries.
+fn with_gateway(cfg: &mut String, url: &str) {
+    let keys = format!(
+        "[revocation]\ngateway_url = \"{url}\"\ngateway_ca = \"pki/tls/ca.pem\"\n\
+         gateway_client_certificate = \"pki/clients/issuer-all.pem\"\n\
+         gateway_client_key = \"pki/clients/issuer-all.key\"\n\
+         retry = \"30#1:s\"\noutbox_interval_seconds = 3600\n"
+    );
+    assert!(
+        cfg.contains("[revocation]\n"),
+        "dev config without [revocation]"
+    );
+    *cfg = cfg.replacen("[revocation]\n", &keys, 1);
+    cfg.push_str(&format!(
+        "\n[[revocation.subscriber]]\nname = \"webcert\"\nurl = \"{url}/events\"\n"
+    ));
+}
+
+fn publish(d: &Daemon) -> String {
+    ok(cli(d, "officer-1", &["revocation", "publish"]))
+}
+
+#[test]
+fn outbox_delivers_to_the_gateway_with_retries_across_a_restart() {
+    let dev = common::Dev::new();
+    let upload_der = common::pem_der(&dev.file("pki/upload.pem"));
+    let standin = gateway::StandIn::start(
+        &dev.file("pki/tls/server.pem"),
+        &dev.file("pki/tls/server.key"),
+        &dev.file("pki/tls/ca.pem"),
+        upload_der,
+        "SE",
+    );
+    let url = standin.url();
+    let mut d = Daemon::start_with(dev, |c| with_gateway(c, &url));
+    let mut uvcis = Vec::new();
+    for _ in 0..3 {
+        uvcis.push(issue(&d, "issuer-all", "vaccination", false).0);
+    }
+    for u in &uvcis {
+        ok(cli(
+            &d,
+            "issuer-all",
+            &["revoke", "--uvci", u, "--reason", "serious-error"],
+        ));
+    }
+
+    // 503 twice: retried on the schedule, across a restart; then delivered exactly once.
+    standin.fail_next(503, 2);
+    let r = publish(&d);
+    assert!(r.contains("built 1") && r.contains("retried 1"), "{r}");
+    let status = ok(cli(&d, "officer-1", &["revocation", "status"]));
+    assert!(
+        status.contains("retrying") && status.contains("503"),
+        "{status}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let r = publish(&d);
+    assert!(r.contains("retried 1"), "{r}");
+    d.restart();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let r = publish(&d);
+    assert!(r.contains("delivered") && !r.contains("delivered 0"), "{r}");
+    assert_eq!(standin.requests(), 3);
+    let uploads = standin.uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0].json["entries"].as_array().unwrap().len(), 3);
+    assert_eq!(uploads[0].json["hashType"], "SIGNATURE");
+    let gateway_id: String = ledger(&d)
+        .query_row("SELECT gateway_id FROM batches", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(gateway_id, uploads[0].batch_id);
+    // Delivered means never again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    publish(&d);
+    assert_eq!(standin.requests(), 3);
+    // Subscriber events: one per revocation.
+    assert_eq!(standin.events().len(), 3);
+    assert!(standin.events().iter().all(|e| e["event"] == "revoked"));
+
+    // A 400 is final: counted, shown, not retried.
+    let (u4, _) = issue(&d, "issuer-all", "vaccination", false);
+    ok(cli(
+        &d,
+        "issuer-all",
+        &["revoke", "--uvci", &u4, "--reason", "fraud"],
+    ));
+    standin.fail_next(400, 1);
+    let r = publish(&d);
+    assert!(r.contains("failed 1"), "{r}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    publish(&d);
+    assert_eq!(standin.requests(), 4);
+    let status = ok(cli(&d, "officer-1", &["revocation", "status"]));
+    assert!(
+        status.contains("FAILED") && status.contains("400"),
+        "{status}"
+    );
+
+    // Lifting one revocation deletes its batch at the gateway and re-batches the other two.
+    ok(cli(
+        &d,
+        "officer-1",
+        &["revocation", "lift", "--uvci", &uvcis[0]],
+    ));
+    let r = publish(&d);
+    assert!(r.contains("built 1"), "{r}");
+    let uploads = standin.uploads();
+    let first = uploads.iter().find(|u| u.batch_id == gateway_id).unwrap();
+    assert!(
+        first.deleted,
+        "the withdrawn batch is deleted at the gateway"
+    );
+    let live: Vec<_> = uploads.iter().filter(|u| !u.deleted).collect();
+    assert_eq!(live.len(), 1, "{uploads:?}");
+    assert_eq!(live[0].json["entries"].as_array().unwrap().len(), 2);
+    assert!(standin.events().iter().any(|e| e["event"] == "lifted"));
+    // No personal data went to the gateway or the subscriber.
+    let sent = format!("{:?}{:?}", standin.uploads(), standin.events());
+    for u in &uvcis {
+        assert!(!sent.contains(u.as_str()));
+    }
+}
+
+#[test]
+fn purge_after_the_grace_period_leaves_no_rows_for_expired_certificates() {
+    let mut d = Daemon::start();
+    let (u, _) = issue(&d, "issuer-all", "test", false);
+    issue(&d, "issuer-all", "vaccination", false);
+    ok(cli(
+        &d,
+        "issuer-all",
+        &["revoke", "--uvci", &u, "--reason", "fraud"],
+    ));
+    let r = ok(cli(&d, "officer-1", &["revocation", "batches"]));
+    assert!(r.contains("built 1"), "{r}");
+    assert!(d.terminate().success());
+    let store =
+        dccsign::revocation::store::RevocationStore::open(&d.dev.file("ledger.sqlite")).unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let week = 7 * 86_400;
+    // Now: nothing has expired, nothing goes.
+    assert_eq!(store.purge(now, week).unwrap(), Default::default());
+    assert_eq!(count(&d, "SELECT count(*) FROM certificates"), 2);
+    // The clock moves past the test certificate's expiry (72 h) + 7 days: its rows go, the
+    // vaccination certificate (a year) stays.
+    let later = now + 4 * 86_400 + week;
+    let report = store.purge(later, week).unwrap();
+    assert_eq!(report.certificates, 1, "{report:?}");
+    assert_eq!(count(&d, "SELECT count(*) FROM certificates"), 1);
+    assert_eq!(count(&d, "SELECT count(*) FROM revocations"), 0);
+    assert_eq!(count(&d, "SELECT count(*) FROM batches"), 0);
+    assert_eq!(count(&d, "SELECT count(*) FROM batch_entries"), 0);
+    assert_eq!(count(&d, "SELECT count(*) FROM outbox"), 0);
+    assert_eq!(count(&d, "SELECT count(*) FROM requests"), 1);
+    // Far later: everything.
+    store.purge(later + 2 * 365 * 86_400, week).unwrap();
+    assert_eq!(count(&d, "SELECT count(*) FROM certificates"), 0);
+    assert_eq!(count(&d, "SELECT count(*) FROM requests"), 0);
+    // The list version never goes back.
+    assert!(store.version().unwrap() >= 1);
+}
