@@ -197,7 +197,7 @@ pub struct RevocationConfig {
     /// last delay repeats.
     #[serde(default = "default_retry")]
     pub retry: String,
-    /// Seconds between outbox runs in the daemon.
+    /// Seconds between outbox runs in the daemon (each run also purges expired rows).
     #[serde(default = "default_outbox_interval")]
     pub outbox_interval_seconds: u64,
     /// Timeout of one HTTP request to the gateway or a subscriber, in seconds.
@@ -212,9 +212,6 @@ pub struct RevocationConfig {
     /// Days after a certificate's expiry before its rows are purged (Swedish rule: 7).
     #[serde(default = "default_retention")]
     pub retention_days: u32,
-    /// Seconds between purge runs in the daemon.
-    #[serde(default = "default_purge_interval")]
-    pub purge_interval_seconds: u64,
     /// Integrated systems notified of revocation events.
     #[serde(default, rename = "subscriber")]
     pub subscribers: Vec<SubscriberConfig>,
@@ -247,7 +244,6 @@ impl Default for RevocationConfig {
             list_key: None,
             list_public_key: None,
             retention_days: default_retention(),
-            purge_interval_seconds: default_purge_interval(),
             subscribers: vec![],
         }
     }
@@ -264,9 +260,6 @@ fn default_request_timeout() -> u64 {
 }
 fn default_retention() -> u32 {
     7
-}
-fn default_purge_interval() -> u64 {
-    3600
 }
 
 /// Issuer identity.

@@ -217,7 +217,9 @@ pub async fn serve(
         let engine = revocation.clone();
         let every = Duration::from_secs(cfg.revocation.outbox_interval_seconds.max(1));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // First run one interval after start: a restart does not race an operator's
+            // `revocation publish`; pending rows keep their due times across restarts.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();

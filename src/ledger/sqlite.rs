@@ -52,13 +52,14 @@ CREATE INDEX requests_certificate ON requests (certificate_id);
 DROP INDEX certificates_signature_hash;
 "#,
     // Revocation (docs/revocation.md): who issued each certificate, which one it replaces, the
-    // revocation rows, the immutable gateway batches and the outbox that delivers them.
+    // revocation rows, the immutable gateway batches and the outbox that delivers them. No new
+    // index on the hot insert path: the purge walks certificates_kid_exp kid by kid, and the
+    // rare bulk revocation by issuer scans (the partial index on `replaces` holds only
+    // replacements).
     r#"
 ALTER TABLE certificates ADD COLUMN issuer TEXT;
 ALTER TABLE certificates ADD COLUMN replaces INTEGER;
 CREATE UNIQUE INDEX certificates_replaces ON certificates (replaces) WHERE replaces IS NOT NULL;
-CREATE INDEX certificates_issuer_iat ON certificates (issuer, iat) WHERE issuer IS NOT NULL;
-CREATE INDEX certificates_exp ON certificates (exp);
 CREATE TABLE counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL

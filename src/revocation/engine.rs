@@ -280,10 +280,18 @@ impl RevocationEngine {
             return Err(EngineError::NotConfigured("revocation.list_key".into()));
         };
         let entries = self.store.list_entries(&kid)?;
+        let counter = self.store.version()?.max(0) as u64;
+        if since.is_some_and(|v| v > counter) {
+            return Err(EngineError::Store(StoreError::Invalid {
+                field: "since",
+                message: format!("must not exceed the current version {counter}"),
+            }));
+        }
         let l = match since {
             None => list::full(kid, &entries, now),
             Some(v) => list::delta(kid, &entries, v, now),
-        };
+        }
+        .at_version(counter);
         let version = l.version();
         let cose = list::sign(&l, lk.kid, |digest| {
             self.token

@@ -236,6 +236,14 @@ fn uint(v: u64) -> Value {
 }
 
 impl RevocationList {
+    /// The same list labelled with version `v` when that is higher than its own: the store's
+    /// change counter, which keeps growing when purged rows take the highest entry version
+    /// with them (a list version never goes back).
+    pub fn at_version(mut self, v: u64) -> RevocationList {
+        self.version = self.version.max(v);
+        self
+    }
+
     /// The DSC kid the list is for.
     pub fn kid(&self) -> [u8; 8] {
         self.kid

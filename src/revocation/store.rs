@@ -275,7 +275,8 @@ pub struct PurgeReport {
     pub outbox: u64,
 }
 
-/// Revocation state in the ledger database.
+/// Revocation state in the ledger database. Queries start from the (small) revocation table
+/// (`CROSS JOIN` fixes that order in SQLite), never from the certificates of a kid.
 pub struct RevocationStore {
     conn: Mutex<Connection>,
 }
@@ -573,7 +574,7 @@ impl RevocationStore {
     pub fn unbatched(&self, t: HashType, now: i64) -> Result<Vec<(i64, Revoked)>, StoreError> {
         let conn = self.conn();
         let sql = format!(
-            "SELECT c.id, c.kid, c.exp, {} FROM revocations r JOIN certificates c ON c.id = r.certificate_id
+            "SELECT c.id, c.kid, c.exp, {} FROM revocations r CROSS JOIN certificates c ON c.id = r.certificate_id
              WHERE r.lifted_at IS NULL AND c.exp > ?1 AND c.state = 'signed'
                AND NOT EXISTS (SELECT 1 FROM batch_entries b WHERE b.certificate_id = c.id AND b.hash_type = ?2)
              ORDER BY c.id",
@@ -775,7 +776,7 @@ impl RevocationStore {
                 let mut stmt = tx.prepare(
                     "SELECT r.reason, r.revoked_at, r.until, r.added_version, r.lifted_at, r.removed_version,
                             c.kid, c.signature_hash, c.uci_hash, c.exp
-                     FROM revocations r JOIN certificates c ON c.id = r.certificate_id
+                     FROM revocations r CROSS JOIN certificates c ON c.id = r.certificate_id
                      WHERE r.added_version > ?1 OR r.removed_version > ?1",
                 )?;
                 let rows = stmt.query_map(params![mark], |r| {
@@ -844,7 +845,7 @@ impl RevocationStore {
         let rows = conn
             .prepare_cached(
                 "SELECT c.signature_hash, r.added_version, r.removed_version
-                 FROM revocations r JOIN certificates c ON c.id = r.certificate_id
+                 FROM revocations r CROSS JOIN certificates c ON c.id = r.certificate_id
                  WHERE c.kid = ?1 AND c.state = 'signed'",
             )?
             .query_map(params![&kid[..]], |r| {
@@ -917,17 +918,34 @@ impl RevocationStore {
             })?,
             certificates: 0,
         };
-        loop {
-            let n = self.write(|tx| {
-                Ok(tx.execute(
-                    "DELETE FROM certificates WHERE id IN
-                         (SELECT id FROM certificates WHERE exp < ?1 LIMIT 5000)",
-                    params![cutoff],
-                )? as u64)
-            })?;
-            report.certificates += n;
-            if n == 0 {
-                break;
+        // The kids, by a loose index scan of certificates_kid_exp (one seek per kid, not a
+        // scan of the table); then per kid the expired rows, again through that index.
+        let kids: Vec<Vec<u8>> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare_cached(
+                "WITH RECURSIVE k(kid) AS (
+                     SELECT min(kid) FROM certificates
+                     UNION ALL
+                     SELECT (SELECT min(kid) FROM certificates WHERE kid > k.kid) FROM k
+                     WHERE k.kid IS NOT NULL)
+                 SELECT kid FROM k WHERE kid IS NOT NULL",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for kid in kids {
+            loop {
+                let n = self.write(|tx| {
+                    Ok(tx.execute(
+                        "DELETE FROM certificates WHERE id IN
+                             (SELECT id FROM certificates WHERE kid = ?1 AND exp < ?2 LIMIT 5000)",
+                        params![kid, cutoff],
+                    )? as u64)
+                })?;
+                report.certificates += n;
+                if n == 0 {
+                    break;
+                }
             }
         }
         Ok(report)
