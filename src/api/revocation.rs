@@ -358,6 +358,7 @@ impl pb::revocation_server::Revocation for RevocationService {
             retried: r.retried as i64,
             failed: r.failed as i64,
             purged_certificates: r.purged_certificates as i64,
+            unknown_gateway_batches: r.unknown_gateway_batches as i64,
         }))
     }
 

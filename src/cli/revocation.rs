@@ -240,14 +240,15 @@ pub fn revocation(args: RevocationArgs) -> ExitCode {
             RevocationCommand::Publish => {
                 let r = c.publish(pb::RunOutboxRequest {}).await?.into_inner();
                 println!(
-                "lifted suspensions {} built {} events {} delivered {} retried {} failed {} purged {}",
+                "lifted suspensions {} built {} events {} delivered {} retried {} failed {} purged {} unknown at gateway {}",
                 r.lifted_suspensions,
                 r.batches_built,
                 r.events_queued,
                 r.delivered,
                 r.retried,
                 r.failed,
-                r.purged_certificates
+                r.purged_certificates,
+                r.unknown_gateway_batches
             );
                 Ok(())
             }

@@ -64,6 +64,8 @@ pub struct RunReport {
     pub failed: u64,
     /// Certificate rows purged.
     pub purged_certificates: u64,
+    /// Batches of ours at the gateway that the outbox never recorded (last day).
+    pub unknown_gateway_batches: u64,
 }
 
 struct Upload {
@@ -323,6 +325,17 @@ impl RevocationEngine {
         .await
         .map_err(|e| EngineError::Hsm(format!("revocation task: {e}")))??;
         self.deliver(now, &mut report).await?;
+        // Reconcile with the gateway's own list of the last day: a batch the gateway holds but
+        // we never recorded (an answer lost in a crash) is reported. A failing list call does
+        // not fail the run.
+        if self.gateway.is_some() {
+            let since = time::OffsetDateTime::from_unix_timestamp(now - 86_400)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            match self.reconcile(since).await {
+                Ok(unknown) => report.unknown_gateway_batches = unknown.len() as u64,
+                Err(e) => tracing::warn!(error = %e, "gateway reconciliation failed"),
+            }
+        }
         let me = self.clone();
         let purged = tokio::task::spawn_blocking(move || me.store.purge(now, me.retention_seconds))
             .await
