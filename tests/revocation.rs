@@ -34,8 +34,9 @@ fn refused(o: Output, code: &str) -> String {
     err
 }
 
-/// Issues one certificate of type `t` through `dccsign issue`; returns (UVCI, HC1).
-fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
+/// A fresh example payload of type `t` in a file; without its `ci` unless `keep_ci` (then the
+/// daemon generates one).
+fn payload_file(d: &Daemon, t: &str, keep_ci: bool) -> std::path::PathBuf {
     let mut p = d.dev.example(t);
     let group = match t {
         "test" => "t",
@@ -45,8 +46,16 @@ fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
     if !keep_ci {
         p[group][0].as_object_mut().unwrap().remove("ci");
     }
+    // Distinct payloads, so a replacement is never mistaken for its retry.
+    p[group][0]["is"] = serde_json::json!(format!("Issuer {}", rand_name()));
     let path = d.dev.file(&format!("p-{}.json", rand_name()));
     std::fs::write(&path, p.to_string()).unwrap();
+    path
+}
+
+/// Issues one certificate of type `t` through `dccsign issue`; returns (UVCI, HC1).
+fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
+    let path = payload_file(d, t, keep_ci);
     let out = ok(cli(
         d,
         who,
@@ -58,6 +67,21 @@ fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
         .expect("an HC1 line")
         .to_string();
     (uvci_of(d, &hc1), hc1)
+}
+
+/// `dccsign replace` of `uvci` with the payload in `file`.
+fn replace(d: &Daemon, who: &str, uvci: &str, file: &std::path::Path) -> Output {
+    cli(
+        d,
+        who,
+        &[
+            "replace",
+            "--uvci",
+            uvci,
+            "--payload",
+            file.to_str().unwrap(),
+        ],
+    )
 }
 
 fn rand_name() -> String {
@@ -92,17 +116,34 @@ fn verify(d: &Daemon, hc1: &str, extra: &[&str]) -> Output {
     d.dev.run(&args)
 }
 
-/// The COSE signature of an HC1, decoded here without dccsign's decoder: base45 → zlib → CBOR.
-fn cose_signature(hc1: &str) -> Vec<u8> {
+/// The COSE_Sign1 array of an HC1, decoded here without dccsign's decoder: base45 → zlib → CBOR.
+fn cose_array(hc1: &str) -> Vec<ciborium::Value> {
     let z = base45::decode(hc1.trim_start_matches("HC1:")).unwrap();
     let mut cose = Vec::new();
     std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&z[..]), &mut cose).unwrap();
-    let v: ciborium::Value = ciborium::from_reader(&cose[..]).unwrap();
-    let arr = match v {
+    match ciborium::from_reader(&cose[..]).unwrap() {
         ciborium::Value::Tag(18, inner) => inner.into_array().unwrap(),
         other => other.into_array().unwrap(),
-    };
-    arr[3].as_bytes().unwrap().clone()
+    }
+}
+
+/// The 64-byte signature of an HC1.
+fn cose_signature(hc1: &str) -> Vec<u8> {
+    cose_array(hc1)[3].as_bytes().unwrap().clone()
+}
+
+/// The kid (hex) of the DSC that signed an HC1 (protected header, label 4).
+fn kid_of(hc1: &str) -> String {
+    let arr = cose_array(hc1);
+    let prot: ciborium::Value = ciborium::from_reader(&arr[0].as_bytes().unwrap()[..]).unwrap();
+    let kid = prot
+        .as_map()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.as_integer() == Some(4.into()))
+        .map(|(_, v)| v.as_bytes().unwrap().clone())
+        .unwrap();
+    hex::encode(kid)
 }
 
 fn ledger(d: &Daemon) -> rusqlite::Connection {
@@ -195,55 +236,13 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     assert!(again.contains("already revoked"), "{again}");
     assert_eq!(count(&d, "SELECT count(*) FROM revocations"), 1);
     // A revoked certificate cannot be replaced.
-    let fixed = d.dev.file("fixed.json");
-    let mut p = d.dev.example("vaccination");
-    p["v"][0].as_object_mut().unwrap().remove("ci");
-    std::fs::write(&fixed, p.to_string()).unwrap();
-    refused(
-        cli(
-            &d,
-            "issuer-all",
-            &[
-                "replace",
-                "--uvci",
-                &uvci_a,
-                "--payload",
-                fixed.to_str().unwrap(),
-            ],
-        ),
-        "2-60-8004",
-    );
+    let fixed = payload_file(&d, "vaccination", false);
+    refused(replace(&d, "issuer-all", &uvci_a, &fixed), "2-60-8004");
 
     // Replace B: a new certificate, B revoked as "replaced" in the same transaction.
-    let fixed_t = d.dev.file("fixed-t.json");
-    let mut p = d.dev.example("test");
-    p["t"][0].as_object_mut().unwrap().remove("ci");
-    std::fs::write(&fixed_t, p.to_string()).unwrap();
-    refused(
-        cli(
-            &d,
-            "issuer-all",
-            &[
-                "replace",
-                "--uvci",
-                &uvci_b,
-                "--payload",
-                fixed_t.to_str().unwrap(),
-            ],
-        ),
-        "2-60-8003",
-    );
-    let out = ok(cli(
-        &d,
-        "issuer-test",
-        &[
-            "replace",
-            "--uvci",
-            &uvci_b,
-            "--payload",
-            fixed_t.to_str().unwrap(),
-        ],
-    ));
+    let fixed_t = payload_file(&d, "test", false);
+    refused(replace(&d, "issuer-all", &uvci_b, &fixed_t), "2-60-8003");
+    let out = ok(replace(&d, "issuer-test", &uvci_b, &fixed_t));
     let new_hc1 = out
         .lines()
         .find(|l| l.starts_with("HC1:"))
@@ -261,55 +260,19 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
         .unwrap();
     assert_eq!(reason, "replaced");
     assert!(by.ends_with("issuer-test"), "{by}");
-    assert_eq!(
-        count(
-            &d,
-            "SELECT count(*) FROM certificates WHERE replaces IS NOT NULL AND state = 'signed'"
-        ),
-        1
-    );
+    let replacements = "SELECT count(*) FROM certificates WHERE replaces IS NOT NULL";
+    assert_eq!(count(&d, replacements), 1);
     // The same replacement again is a retry: the same new certificate, nothing else issued.
-    let retry = ok(cli(
-        &d,
-        "issuer-test",
-        &[
-            "replace",
-            "--uvci",
-            &uvci_b,
-            "--payload",
-            fixed_t.to_str().unwrap(),
-        ],
-    ));
+    let retry = ok(replace(&d, "issuer-test", &uvci_b, &fixed_t));
     assert!(
         retry.contains(&new_hc1),
         "a retried replacement returns the same certificate"
     );
-    assert_eq!(
-        count(
-            &d,
-            "SELECT count(*) FROM certificates WHERE replaces IS NOT NULL"
-        ),
-        1
-    );
+    assert_eq!(count(&d, replacements), 1);
     // Another replacement of a replaced certificate is refused.
-    let mut p2 = d.dev.example("test");
-    p2["t"][0].as_object_mut().unwrap().remove("ci");
-    p2["t"][0]["tc"] = serde_json::json!("Another test centre");
-    std::fs::write(&fixed_t, p2.to_string()).unwrap();
-    refused(
-        cli(
-            &d,
-            "issuer-test",
-            &[
-                "replace",
-                "--uvci",
-                &uvci_b,
-                "--payload",
-                fixed_t.to_str().unwrap(),
-            ],
-        ),
-        "2-60-8004",
-    );
+    let other = payload_file(&d, "test", false);
+    refused(replace(&d, "issuer-test", &uvci_b, &other), "2-60-8004");
+    assert_eq!(count(&d, replacements), 1);
 
     // Suspension with an end; an officer may lift any revocation.
     let (uvci_s, _) = issue(&d, "issuer-all", "recovery", false);
@@ -357,7 +320,7 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     );
 
     // The signed verifier list of the vaccination DSC: A is revoked, C is not.
-    let kid = kid_of(&d, &hc1_a);
+    let kid = kid_of(&hc1_a);
     let list = d.dev.file("list.cbor");
     ok(cli(
         &d,
@@ -410,28 +373,6 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     for u in [&uvci_a, &uvci_b, &uvci_s] {
         assert!(!d.log().contains(u.as_str()), "UVCI in the log");
     }
-}
-
-/// The kid (hex) of the DSC that signed an HC1.
-fn kid_of(d: &Daemon, hc1: &str) -> String {
-    let _ = d;
-    let z = base45::decode(hc1.trim_start_matches("HC1:")).unwrap();
-    let mut cose = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&z[..]), &mut cose).unwrap();
-    let v: ciborium::Value = ciborium::from_reader(&cose[..]).unwrap();
-    let arr = match v {
-        ciborium::Value::Tag(18, inner) => inner.into_array().unwrap(),
-        other => other.into_array().unwrap(),
-    };
-    let prot: ciborium::Value = ciborium::from_reader(&arr[0].as_bytes().unwrap()[..]).unwrap();
-    let kid = prot
-        .as_map()
-        .unwrap()
-        .iter()
-        .find(|(k, _)| k.as_integer() == Some(4.into()))
-        .map(|(_, v)| v.as_bytes().unwrap().clone())
-        .unwrap();
-    hex::encode(kid)
 }
 
 #[test]
@@ -706,4 +647,73 @@ fn purge_after_the_grace_period_leaves_no_rows_for_expired_certificates() {
     assert_eq!(count(&d, "SELECT count(*) FROM requests"), 0);
     // The list version never goes back.
     assert!(store.version().unwrap() >= 1);
+}
+
+#[test]
+fn exported_batches_verify_with_openssl_and_carry_each_configured_hash_type() {
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replacen(
+            "[revocation]\n",
+            "[revocation]\nuci_batches = true\ncountry_code_uci_batches = true\n",
+            1,
+        )
+    });
+    let (u, hc1) = issue(&d, "issuer-all", "vaccination", false);
+    ok(cli(
+        &d,
+        "issuer-all",
+        &["revoke", "--uvci", &u, "--reason", "serious-error"],
+    ));
+    let dir = d.dev.file("batches");
+    let r = ok(cli(
+        &d,
+        "officer-1",
+        &["revocation", "batches", "--out", dir.to_str().unwrap()],
+    ));
+    assert!(r.contains("built 3"), "{r}");
+    let b64 = |h: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, h);
+    let sig = cose_signature(&hc1);
+    let expected = [
+        ("SIGNATURE", b64(&Sha256::digest(&sig[..32])[..16])),
+        ("UCI", b64(&Sha256::digest(u.as_bytes())[..16])),
+        (
+            "COUNTRYCODEUCI",
+            b64(&Sha256::digest(format!("SE{u}").as_bytes())[..16]),
+        ),
+    ];
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("cms") {
+            continue;
+        }
+        // The CMS as the gateway gets it, checked by OpenSSL: the attached content is the JSON.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
+            .unwrap();
+        let der_path = path.with_extension("der");
+        std::fs::write(&der_path, der).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["cms", "-verify", "-noverify", "-inform", "DER", "-in"])
+            .arg(&der_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json = std::fs::read(path.with_extension("json")).unwrap();
+        assert_eq!(out.stdout, json);
+        let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let t = v["hashType"].as_str().unwrap().to_string();
+        let hash = v["entries"][0]["hash"].as_str().unwrap().to_string();
+        let want = &expected.iter().find(|(n, _)| *n == t).unwrap().1;
+        assert_eq!(&hash, want, "{t}");
+        assert_eq!(v["country"], "SE");
+        assert!(v["expires"].as_str().unwrap().ends_with("T00:00:00Z"));
+        seen.push(t);
+    }
+    seen.sort();
+    assert_eq!(seen, ["COUNTRYCODEUCI", "SIGNATURE", "UCI"]);
 }

@@ -187,17 +187,7 @@ pub fn from_key_op(e: &crate::keys::KeyOpError) -> Status {
         K::LabelExists(_) => (Code::AlreadyExists, "label", "label-exists"),
         K::Hsm(_) | K::Audit(_) | K::Database(_) => (Code::Unavailable, "", ""),
     };
-    let message = format!("{e} [{}]", e.code());
-    let d = pb::ErrorDetail {
-        code: e.code().into(),
-        request_id: String::new(),
-        violations: if field.is_empty() {
-            vec![]
-        } else {
-            vec![violation(field, e.code(), rule, &e.to_string())]
-        },
-    };
-    status(code, &message, &d)
+    coded(code, e.code(), field, rule, &e.to_string())
 }
 
 /// The status for a revocation error: the code names the rule, the violation the field.
@@ -212,35 +202,31 @@ pub fn from_revocation(e: &crate::revocation::engine::EngineError) -> Status {
         E::NotConfigured(_) | E::Config(_) => (Code::FailedPrecondition, "", ""),
         _ => (Code::Unavailable, "", ""),
     };
-    let message = format!("{e} [{}]", e.code());
+    coded(code, e.code(), field, rule, &e.to_string())
+}
+
+/// A status whose message ends in the stable code, with the detail naming the field and the rule
+/// (no field: no violation).
+fn coded(code: Code, stable: &str, field: &str, rule: &str, message: &str) -> Status {
     let d = pb::ErrorDetail {
-        code: e.code().into(),
+        code: stable.into(),
         request_id: String::new(),
         violations: if field.is_empty() {
             vec![]
         } else {
-            vec![violation(field, e.code(), rule, &e.to_string())]
+            vec![violation(field, stable, rule, message)]
         },
     };
-    status(code, &message, &d)
+    status(code, &format!("{message} [{stable}]"), &d)
 }
 
 /// PERMISSION_DENIED with `2-60-8003`: an issuer acting on a certificate it did not issue.
 pub fn not_your_certificate() -> Status {
-    let code = "2-60-8003";
-    let d = pb::ErrorDetail {
-        code: code.into(),
-        request_id: String::new(),
-        violations: vec![violation(
-            "uvci",
-            code,
-            "not-issued-by-caller",
-            "issuers may act only on certificates they issued",
-        )],
-    };
-    status(
+    coded(
         Code::PermissionDenied,
-        &format!("uvci: issuers may act only on certificates they issued [{code}]"),
-        &d,
+        "2-60-8003",
+        "uvci",
+        "not-issued-by-caller",
+        "issuers may act only on certificates they issued",
     )
 }
