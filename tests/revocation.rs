@@ -355,6 +355,37 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     );
     let valid = verify(&d, &hc1_c, &extra);
     assert!(valid.status.success(), "{}", stderr(&valid));
+    // The delta since version 0, applied to the empty list, is the full list.
+    let delta = d.dev.file("delta.cbor");
+    ok(cli(
+        &d,
+        "officer-1",
+        &[
+            "revocation",
+            "list",
+            "--kid",
+            &kid,
+            "--since",
+            "0",
+            "--out",
+            delta.to_str().unwrap(),
+        ],
+    ));
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let public =
+        <p256::PublicKey as p256::pkcs8::DecodePublicKey>::from_public_key_pem(&pem).unwrap();
+    let full_list =
+        dccsign::revocation::list::open(&std::fs::read(&list).unwrap(), &public).unwrap();
+    let delta_list =
+        dccsign::revocation::list::open(&std::fs::read(&delta).unwrap(), &public).unwrap();
+    assert!(delta_list.is_delta());
+    let kid_bytes: [u8; 8] = hex::decode(&kid).unwrap().try_into().unwrap();
+    let rebuilt = dccsign::revocation::list::full(kid_bytes, &[], 0)
+        .apply(&delta_list)
+        .unwrap();
+    assert_eq!(rebuilt.body(), full_list.body());
+    assert_eq!(rebuilt.version(), full_list.version());
+    assert!(full_list.contains(&expected));
     // A list signed by another key is refused, never "valid".
     let other = d.dev.file("pki/audit-key.pem");
     let wrong = verify(
