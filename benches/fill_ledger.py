@@ -75,22 +75,22 @@ def main():
     while done < args.rows:
         n = min(chunk, args.rows - done)
         certs, reqs = [], []
-        rnd = os.urandom(48 * n)
+        rnd = os.urandom(112 * n)
         for i in range(n):
             rid = start_id + done + i + 1
             iat = now - 86400 * 30 + (done + i) % (86400 * 30)
             t = types[(done + i) % 20]
             exp = iat + (72 * 3600 if t == "test" else 365 * 86400)
-            r = rnd[48 * i:48 * i + 48]
+            r = rnd[112 * i:112 * i + 112]
             certs.append((rid, r[0:16], r[16:32], t, kids[(done + i) % len(kids)], iat, exp,
-                          r[32:48], iat, iat))
+                          r[32:48], iat, iat, "spiffe://dccsign.dev/issuer-all", r[48:112]))
             reqs.append(("spiffe://dccsign.dev/issuer-all", f"fill-{rid}",
                          r[0:16] * 2, rid, iat))
         with db:
             db.executemany(
                 "INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, "
-                "exp, state, signature_hash, reserved_at, signed_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'signed', ?, ?, ?)", certs)
+                "exp, state, signature_hash, reserved_at, signed_at, issuer, signature) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'signed', ?, ?, ?, ?, ?)", certs)
             db.executemany(
                 "INSERT INTO requests (client, request_id, request_hash, certificate_id, "
                 "created_at) VALUES (?, ?, ?, ?, ?)", reqs)

@@ -158,8 +158,8 @@ pub trait Ledger: Send + Sync {
         write_blocking(self, LedgerWrite::Reserve(r.clone(), request.cloned()))?
             .ok_or_else(|| LedgerError::Database("reservation without id".into()))
     }
-    /// Completes a reservation with the signature hash (and stores the signature on its request
-    /// row, if any). Blocks until durable.
+    /// Completes a reservation with the signature hash and the signature (kept on the
+    /// certificate row, for replays). Blocks until durable.
     fn complete(
         &self,
         id: ReservationId,
