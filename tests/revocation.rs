@@ -748,3 +748,134 @@ fn exported_batches_verify_with_openssl_and_carry_each_configured_hash_type() {
     seen.sort();
     assert_eq!(seen, ["COUNTRYCODEUCI", "SIGNATURE", "UCI"]);
 }
+
+#[test]
+fn thousands_of_revocations_become_batches_grouped_by_kid_and_expiry_day() {
+    let d = Daemon::start();
+    // At least 2 500 certificates over three DSCs (the load generator's mix) and several expiry
+    // days, then one bulk revocation of them all.
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    while count(
+        &d,
+        "SELECT count(*) FROM certificates WHERE state = 'signed'",
+    ) < 2_500
+    {
+        let o = d.dev.run(&[
+            "load",
+            "--state-dir",
+            &dir,
+            "--addr",
+            &d.addr,
+            "--mode",
+            "stream",
+            "--connections",
+            "2",
+            "--concurrency",
+            "32",
+            "--duration",
+            "2",
+            "--verify-every",
+            "0",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let op = ok(cli(
+        &d,
+        "officer-1",
+        &[
+            "revocation",
+            "bulk",
+            "--reason",
+            "fraud",
+            "--issuer",
+            "spiffe://dccsign.dev/issuer-all",
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+        ],
+    ));
+    let op = op
+        .lines()
+        .find(|l| l.starts_with("OP-"))
+        .unwrap()
+        .trim()
+        .to_string();
+    ok(d.dev.run(&[
+        "keys",
+        "--state-dir",
+        &dir,
+        "--addr",
+        &d.addr,
+        "--as",
+        "officer-2",
+        "approve",
+        &op,
+    ]));
+    let revoked = count(&d, "SELECT count(*) FROM revocations");
+    assert!(revoked >= 2_500, "{revoked}");
+
+    // Expected: per (kid, expiry day) group, ceil(n / 1000) batches.
+    let groups: Vec<(Vec<u8>, i64, i64)> = ledger(&d)
+        .prepare(
+            "SELECT c.kid, (c.exp + 86399) / 86400, count(*) FROM revocations r
+             JOIN certificates c ON c.id = r.certificate_id GROUP BY 1, 2",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let kids: std::collections::BTreeSet<_> = groups.iter().map(|g| g.0.clone()).collect();
+    assert!(kids.len() >= 2, "two kids at least");
+    let days: std::collections::BTreeSet<_> = groups.iter().map(|g| g.1).collect();
+    assert!(days.len() >= 2, "several expiry days: {groups:?}");
+    let expected: i64 = groups.iter().map(|g| (g.2 + 999) / 1000).sum();
+
+    let out = d.dev.file("batches");
+    let r = ok(cli(
+        &d,
+        "officer-1",
+        &["revocation", "batches", "--out", out.to_str().unwrap()],
+    ));
+    assert!(r.contains(&format!("built {expected}")), "{r}");
+    let mut seen = std::collections::HashSet::new();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("cms") {
+            continue;
+        }
+        files += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
+            .unwrap();
+        let der_path = path.with_extension("der");
+        std::fs::write(&der_path, der).unwrap();
+        let o = std::process::Command::new("openssl")
+            .args(["cms", "-verify", "-noverify", "-inform", "DER", "-in"])
+            .arg(&der_path)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let entries = v["entries"].as_array().unwrap();
+        assert!((1..=1000).contains(&entries.len()));
+        for e in entries {
+            assert!(
+                seen.insert(e["hash"].as_str().unwrap().to_string()),
+                "an entry in one batch only"
+            );
+        }
+    }
+    assert_eq!(files, expected);
+    assert_eq!(seen.len() as i64, revoked);
+    // Every batch holds one kid and one expiry day, as recorded.
+    let mixed: i64 = count(
+        &d,
+        "SELECT count(*) FROM (SELECT b.id FROM batch_entries e JOIN batches b ON b.id = e.batch_id
+           JOIN certificates c ON c.id = e.certificate_id
+           GROUP BY b.id HAVING count(DISTINCT c.kid) > 1 OR max((c.exp + 86399) / 86400) * 86400 != b.expires)",
+    );
+    assert_eq!(mixed, 0);
+}

@@ -243,19 +243,24 @@ impl RevocationEngine {
                 continue;
             }
             let entries: Vec<batch::Revoked> = pending.iter().map(|(_, r)| r.clone()).collect();
+            // Rows by what places them in a batch (equal hashes share the batch entry).
+            let mut rows: std::collections::HashMap<_, Vec<i64>> = Default::default();
+            for (id, r) in &pending {
+                rows.entry((r.kid, batch::expires_midnight(r.exp), r.hash))
+                    .or_default()
+                    .push(*id);
+            }
             for planned in batch::plan(&entries, *t) {
                 // `expires` must be in the future when the gateway receives it.
                 if planned.expires <= now {
                     continue;
                 }
-                let members: Vec<i64> = pending
+                let members: Vec<i64> = planned
+                    .hashes
                     .iter()
-                    .filter(|(_, r)| {
-                        r.kid == planned.kid
-                            && batch::expires_midnight(r.exp) == planned.expires
-                            && planned.hashes.binary_search(&r.hash).is_ok()
-                    })
-                    .map(|(id, _)| *id)
+                    .filter_map(|h| rows.get(&(planned.kid, planned.expires, *h)))
+                    .flatten()
+                    .copied()
                     .collect();
                 let json = batch::batch_json(&self.country, &planned);
                 let cms = batch::cms_base64(&self.token, &upload.key, &upload.cert, &json)
