@@ -146,6 +146,51 @@ fn kid_of(hc1: &str) -> String {
     hex::encode(kid)
 }
 
+/// The content of a base64 CMS file as `openssl cms -verify` returns it (it must verify).
+fn openssl_cms_content(path: &std::path::Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let der =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim()).unwrap();
+    let der_path = path.with_extension("der");
+    std::fs::write(&der_path, der).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["cms", "-verify", "-noverify", "-inform", "DER", "-in"])
+        .arg(&der_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Officer `who` asks to revoke everything issuer-all ever issued (two-person).
+fn bulk_issuer_all(d: &Daemon, who: &str) -> Output {
+    cli(
+        d,
+        who,
+        &[
+            "revocation",
+            "bulk",
+            "--reason",
+            "fraud",
+            "--issuer",
+            "spiffe://dccsign.dev/issuer-all",
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+        ],
+    )
+}
+
+/// Officer `who` approves operation `op`.
+fn approve(d: &Daemon, who: &str, op: &str) -> Output {
+    cli(d, who, &["keys", "approve", op])
+}
+
 fn ledger(d: &Daemon) -> rusqlite::Connection {
     rusqlite::Connection::open(d.dev.file("ledger.sqlite")).unwrap()
 }
@@ -413,43 +458,9 @@ fn bulk_revocation_needs_a_second_officer() {
         issue(&d, "issuer-all", "test", false);
     }
     issue(&d, "issuer-test", "test", false);
-    let from = "2000-01-01T00:00:00Z";
-    let to = "2100-01-01T00:00:00Z";
-    refused(
-        cli(
-            &d,
-            "issuer-all",
-            &[
-                "revocation",
-                "bulk",
-                "--reason",
-                "fraud",
-                "--issuer",
-                "x",
-                "--from",
-                from,
-                "--to",
-                to,
-            ],
-        ),
-        "2-60-9001",
-    );
-    let op = ok(cli(
-        &d,
-        "officer-1",
-        &[
-            "revocation",
-            "bulk",
-            "--reason",
-            "fraud",
-            "--issuer",
-            "spiffe://dccsign.dev/issuer-all",
-            "--from",
-            from,
-            "--to",
-            to,
-        ],
-    ));
+    // An issuer cannot ask for one.
+    refused(bulk_issuer_all(&d, "issuer-all"), "2-60-9001");
+    let op = ok(bulk_issuer_all(&d, "officer-1"));
     let op = op
         .lines()
         .find(|l| l.starts_with("OP-"))
@@ -461,22 +472,8 @@ fn bulk_revocation_needs_a_second_officer() {
         0,
         "nothing before approval"
     );
-    let dir = d.dev.path().to_str().unwrap().to_string();
-    let keys = |who: &str| {
-        d.dev.run(&[
-            "keys",
-            "--state-dir",
-            &dir,
-            "--addr",
-            &d.addr,
-            "--as",
-            who,
-            "approve",
-            &op,
-        ])
-    };
-    refused(keys("officer-1"), "2-60-7004");
-    let done = ok(keys("officer-2"));
+    refused(approve(&d, "officer-1", &op), "2-60-7004");
+    let done = ok(approve(&d, "officer-2", &op));
     assert!(done.contains("revoked 3 certificates"), "{done}");
     assert_eq!(
         count(
@@ -719,23 +716,8 @@ fn exported_batches_verify_with_openssl_and_carry_each_configured_hash_type() {
             continue;
         }
         // The CMS as the gateway gets it, checked by OpenSSL: the attached content is the JSON.
-        let text = std::fs::read_to_string(&path).unwrap();
-        let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
-            .unwrap();
-        let der_path = path.with_extension("der");
-        std::fs::write(&der_path, der).unwrap();
-        let out = std::process::Command::new("openssl")
-            .args(["cms", "-verify", "-noverify", "-inform", "DER", "-in"])
-            .arg(&der_path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let json = std::fs::read(path.with_extension("json")).unwrap();
-        assert_eq!(out.stdout, json);
+        assert_eq!(openssl_cms_content(&path), json);
         let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         let t = v["hashType"].as_str().unwrap().to_string();
         let hash = v["entries"][0]["hash"].as_str().unwrap().to_string();
@@ -779,39 +761,14 @@ fn thousands_of_revocations_become_batches_grouped_by_kid_and_expiry_day() {
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    let op = ok(cli(
-        &d,
-        "officer-1",
-        &[
-            "revocation",
-            "bulk",
-            "--reason",
-            "fraud",
-            "--issuer",
-            "spiffe://dccsign.dev/issuer-all",
-            "--from",
-            "2000-01-01T00:00:00Z",
-            "--to",
-            "2100-01-01T00:00:00Z",
-        ],
-    ));
+    let op = ok(bulk_issuer_all(&d, "officer-1"));
     let op = op
         .lines()
         .find(|l| l.starts_with("OP-"))
         .unwrap()
         .trim()
         .to_string();
-    ok(d.dev.run(&[
-        "keys",
-        "--state-dir",
-        &dir,
-        "--addr",
-        &d.addr,
-        "--as",
-        "officer-2",
-        "approve",
-        &op,
-    ]));
+    ok(approve(&d, "officer-2", &op));
     let revoked = count(&d, "SELECT count(*) FROM revocations");
     assert!(revoked >= 2_500, "{revoked}");
 
@@ -847,18 +804,7 @@ fn thousands_of_revocations_become_batches_grouped_by_kid_and_expiry_day() {
             continue;
         }
         files += 1;
-        let text = std::fs::read_to_string(&path).unwrap();
-        let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, text.trim())
-            .unwrap();
-        let der_path = path.with_extension("der");
-        std::fs::write(&der_path, der).unwrap();
-        let o = std::process::Command::new("openssl")
-            .args(["cms", "-verify", "-noverify", "-inform", "DER", "-in"])
-            .arg(&der_path)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&openssl_cms_content(&path)).unwrap();
         let entries = v["entries"].as_array().unwrap();
         assert!((1..=1000).contains(&entries.len()));
         for e in entries {

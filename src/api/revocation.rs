@@ -15,8 +15,8 @@ use crate::dcc::CertType;
 use crate::issuance::{IssueError, Issuer, Payload, RequestContext};
 use crate::keys::KeyManager;
 use crate::revocation::engine::{EngineError, RevocationEngine};
-use crate::revocation::hash;
 use crate::revocation::store::{CertificateInfo, Reason, StoreError};
+use crate::revocation::{hash, rfc3339};
 
 /// The service.
 #[derive(Clone)]
@@ -59,16 +59,6 @@ fn parse_time(field: &'static str, s: &str) -> Result<i64, Status> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
         .map_err(|_| bad(field, "must be RFC 3339, e.g. 2026-12-01T00:00:00Z"))
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 impl RevocationService {

@@ -13,3 +13,14 @@ pub mod hash;
 pub mod list;
 pub mod schedule;
 pub mod store;
+
+/// A Unix time as RFC 3339 UTC (empty for a time out of range).
+pub(crate) fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

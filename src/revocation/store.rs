@@ -19,6 +19,7 @@ use serde_json::json;
 use super::batch::{HashType, PlannedBatch, Revoked};
 use super::hash::{to_base64, RevocationHash};
 use super::list::ListEntry;
+use super::rfc3339;
 
 /// Why a certificate is revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -970,16 +971,6 @@ fn lift_in(tx: &Connection, id: i64, by: &str, now: i64) -> Result<i64, StoreErr
         withdraw_batch(tx, b, now)?;
     }
     Ok(version)
-}
-
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
