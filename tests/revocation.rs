@@ -69,6 +69,15 @@ fn issue(d: &Daemon, who: &str, t: &str, keep_ci: bool) -> (String, String) {
     (uvci_of(d, &hc1), hc1)
 }
 
+/// `dccsign revoke` of `uvci` by `who`.
+fn revoke(d: &Daemon, who: &str, uvci: &str, reason: &str, until: Option<&str>) -> Output {
+    let mut args = vec!["revoke", "--uvci", uvci, "--reason", reason];
+    if let Some(t) = until {
+        args.extend_from_slice(&["--until", t]);
+    }
+    cli(d, who, &args)
+}
+
 /// `dccsign replace` of `uvci` with the payload in `file`.
 fn replace(d: &Daemon, who: &str, uvci: &str, file: &std::path::Path) -> Output {
     cli(
@@ -221,63 +230,37 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
 
     // Another issuer may not revoke it; an unknown UVCI is NOT_FOUND; the reason is checked.
     refused(
-        cli(
-            &d,
-            "issuer-test",
-            &["revoke", "--uvci", &uvci_a, "--reason", "fraud"],
-        ),
+        revoke(&d, "issuer-test", &uvci_a, "fraud", None),
         "2-60-8003",
     );
     refused(
-        cli(
+        revoke(
             &d,
             "issuer-all",
-            &[
-                "revoke",
-                "--uvci",
-                "URN:UVCI:01:SE:DEV/NOSUCHCERT1",
-                "--reason",
-                "fraud",
-            ],
+            "URN:UVCI:01:SE:DEV/NOSUCHCERT1",
+            "fraud",
+            None,
         ),
         "2-60-8002",
     );
     refused(
-        cli(
-            &d,
-            "issuer-all",
-            &["revoke", "--uvci", &uvci_a, "--reason", "because"],
-        ),
+        revoke(&d, "issuer-all", &uvci_a, "because", None),
         "2-60-8001",
     );
     refused(
-        cli(
+        revoke(
             &d,
             "issuer-all",
-            &[
-                "revoke",
-                "--uvci",
-                &uvci_a,
-                "--reason",
-                "fraud",
-                "--until",
-                "2099-01-01T00:00:00Z",
-            ],
+            &uvci_a,
+            "fraud",
+            Some("2099-01-01T00:00:00Z"),
         ),
         "2-60-8001",
     );
     // Its issuer may; twice changes nothing.
-    let first = ok(cli(
-        &d,
-        "issuer-all",
-        &["revoke", "--uvci", &uvci_a, "--reason", "wrong-patient"],
-    ));
+    let first = ok(revoke(&d, "issuer-all", &uvci_a, "wrong-patient", None));
     assert!(first.contains("revoked: version 1"), "{first}");
-    let again = ok(cli(
-        &d,
-        "issuer-all",
-        &["revoke", "--uvci", &uvci_a, "--reason", "wrong-patient"],
-    ));
+    let again = ok(revoke(&d, "issuer-all", &uvci_a, "wrong-patient", None));
     assert!(again.contains("already revoked"), "{again}");
     assert_eq!(count(&d, "SELECT count(*) FROM revocations"), 1);
     // A revoked certificate cannot be replaced.
@@ -322,33 +305,21 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     // Suspension with an end; an officer may lift any revocation.
     let (uvci_s, _) = issue(&d, "issuer-all", "recovery", false);
     refused(
-        cli(
+        revoke(
             &d,
             "issuer-all",
-            &[
-                "revoke",
-                "--uvci",
-                &uvci_s,
-                "--reason",
-                "suspended",
-                "--until",
-                "2001-01-01T00:00:00Z",
-            ],
+            &uvci_s,
+            "suspended",
+            Some("2001-01-01T00:00:00Z"),
         ),
         "2-60-8001",
     );
-    ok(cli(
+    ok(revoke(
         &d,
         "issuer-all",
-        &[
-            "revoke",
-            "--uvci",
-            &uvci_s,
-            "--reason",
-            "suspended",
-            "--until",
-            "2099-01-01T00:00:00Z",
-        ],
+        &uvci_s,
+        "suspended",
+        Some("2099-01-01T00:00:00Z"),
     ));
     refused(
         cli(&d, "issuer-all", &["revocation", "lift", "--uvci", &uvci_s]),
@@ -524,11 +495,7 @@ fn outbox_delivers_to_the_gateway_with_retries_across_a_restart() {
         uvcis.push(issue(&d, "issuer-all", "vaccination", false).0);
     }
     for u in &uvcis {
-        ok(cli(
-            &d,
-            "issuer-all",
-            &["revoke", "--uvci", u, "--reason", "serious-error"],
-        ));
+        ok(revoke(&d, "issuer-all", u, "serious-error", None));
     }
 
     // 503 twice: retried on the schedule, across a restart; then delivered exactly once.
@@ -588,11 +555,7 @@ fn outbox_delivers_to_the_gateway_with_retries_across_a_restart() {
 
     // A 400 is final: counted, shown, not retried.
     let (u4, _) = issue(&d, "issuer-all", "vaccination", false);
-    ok(cli(
-        &d,
-        "issuer-all",
-        &["revoke", "--uvci", &u4, "--reason", "fraud"],
-    ));
+    ok(revoke(&d, "issuer-all", &u4, "fraud", None));
     standin.fail_next(400, 1);
     let r = publish(&d);
     assert!(r.contains("failed 1"), "{r}");
@@ -643,11 +606,7 @@ fn purge_after_the_grace_period_leaves_no_rows_for_expired_certificates() {
     let mut d = Daemon::start();
     let (u, _) = issue(&d, "issuer-all", "test", false);
     issue(&d, "issuer-all", "vaccination", false);
-    ok(cli(
-        &d,
-        "issuer-all",
-        &["revoke", "--uvci", &u, "--reason", "fraud"],
-    ));
+    ok(revoke(&d, "issuer-all", &u, "fraud", None));
     let r = ok(cli(&d, "officer-1", &["revocation", "batches"]));
     assert!(r.contains("built 1"), "{r}");
     assert!(d.terminate().success());
@@ -687,11 +646,7 @@ fn exported_batches_verify_with_openssl_and_carry_each_configured_hash_type() {
         )
     });
     let (u, hc1) = issue(&d, "issuer-all", "vaccination", false);
-    ok(cli(
-        &d,
-        "issuer-all",
-        &["revoke", "--uvci", &u, "--reason", "serious-error"],
-    ));
+    ok(revoke(&d, "issuer-all", &u, "serious-error", None));
     let dir = d.dev.file("batches");
     let r = ok(cli(
         &d,

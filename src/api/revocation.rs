@@ -14,7 +14,7 @@ use crate::config::Role;
 use crate::dcc::CertType;
 use crate::issuance::{IssueError, Issuer, Payload, RequestContext};
 use crate::keys::KeyManager;
-use crate::revocation::engine::{EngineError, RevocationEngine};
+use crate::revocation::engine::{EngineError, RevocationEngine, BULK_OPERATION};
 use crate::revocation::store::{CertificateInfo, Reason, StoreError};
 use crate::revocation::{hash, rfc3339};
 
@@ -289,7 +289,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         let m = self.manager.clone();
         let officer = caller.identity.clone();
         let op = tokio::task::spawn_blocking(move || {
-            m.request_operation(&officer, "revocation.bulk", params, now())
+            m.request_operation(&officer, BULK_OPERATION, params, now())
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

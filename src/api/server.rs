@@ -164,21 +164,10 @@ pub async fn serve(
         crate::revocation::engine::RevocationEngine::from_config(&cfg, token.clone())
             .map_err(|e| ServeError::Config(format!("revocation: {e}")))?,
     );
-    let manager = manager.with_bulk_revoker({
-        let engine = revocation.clone();
-        Arc::new(move |params, approver, now| {
-            let selector = crate::revocation::store::BulkSelector::from_params(params)?;
-            let reason = params["reason"]
-                .as_str()
-                .unwrap_or_default()
-                .parse()
-                .map_err(|e: crate::revocation::store::StoreError| e.to_string())?;
-            engine
-                .store()
-                .bulk_revoke(&selector, reason, approver, now)
-                .map_err(|e| e.to_string())
-        })
-    });
+    let manager = manager.with_operation(
+        crate::revocation::engine::BULK_OPERATION,
+        crate::revocation::engine::bulk_executor(revocation.clone()),
+    );
     let manager = match &cfg.keys.audit_key {
         Some(k) => {
             let (label, _) = crate::hsm::KeyUri::resolve(k, token.label())?;

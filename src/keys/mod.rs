@@ -12,7 +12,9 @@ mod publish;
 mod state;
 mod tls;
 
-pub use ceremony::{Csca, KeyManager, KeyOpError, KeySettings, ManagedKey, Operation};
+pub use ceremony::{
+    Csca, KeyManager, KeyOpError, KeySettings, ManagedKey, Operation, OperationExecutor,
+};
 pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
 pub use dev::{
     dev_client_cert, dev_init, dev_sign_csr, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL,

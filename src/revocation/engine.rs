@@ -18,6 +18,27 @@ use super::store::{OutboxRow, RevocationStore, StoreError};
 use crate::config::Config;
 use crate::hsm::{KeyHandle, KeyUri, Token};
 
+/// The two-person operation kind of a bulk revocation (approved through the key manager).
+pub const BULK_OPERATION: &str = "revocation.bulk";
+
+/// Carries out an approved bulk revocation: parameters `reason` and `kid` (hex) or `issuer`,
+/// `from`, `to`; idempotent (already revoked certificates are skipped).
+pub fn bulk_executor(engine: Arc<RevocationEngine>) -> crate::keys::OperationExecutor {
+    Arc::new(move |params, approver, now| {
+        let selector = super::store::BulkSelector::from_params(params)?;
+        let reason: super::store::Reason = params["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|e: StoreError| e.to_string())?;
+        let n = engine
+            .store()
+            .bulk_revoke(&selector, reason, approver, now)
+            .map_err(|e| e.to_string())?;
+        Ok(format!("revoked {n} certificates"))
+    })
+}
+
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

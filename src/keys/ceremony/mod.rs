@@ -225,14 +225,15 @@ pub struct KeyManager {
     switch: Option<Arc<dyn SignerSwitch>>,
     ledger: Option<Arc<dyn Ledger>>,
     audit_key: Option<KeyHandle>,
-    bulk_revoker: Option<BulkRevoker>,
+    executors: std::collections::HashMap<String, OperationExecutor>,
 }
 
-/// Carries out an approved bulk revocation (parameters as requested, the approving officer,
-/// now) and says how many certificates it revoked. Idempotent: approving again after a crash
-/// between the revocations and the audit entry revokes nothing twice.
-pub type BulkRevoker =
-    Arc<dyn Fn(&Value, &str, i64) -> Result<u64, String> + Send + Sync + 'static>;
+/// Carries out an approved two-person operation of another module (parameters as requested, the
+/// approving officer, now) and returns the result recorded in the audit log. Must be
+/// idempotent: approving again after a crash between its effect and the audit entry must not
+/// do it twice.
+pub type OperationExecutor =
+    Arc<dyn Fn(&Value, &str, i64) -> Result<String, String> + Send + Sync + 'static>;
 
 impl std::fmt::Debug for KeyManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -340,7 +341,7 @@ impl KeyManager {
             switch: None,
             ledger: None,
             audit_key: None,
-            bulk_revoker: None,
+            executors: Default::default(),
         })
     }
 
@@ -512,7 +513,7 @@ impl KeyManager {
             "keys.activate" => self.execute_activate(&op, officer, now),
             "keys.retire" => self.execute_retire(&op, officer, now),
             "keys.destroy" => self.execute_destroy(&op, officer, now),
-            "revocation.bulk" => self.execute_bulk_revocation(&op, officer, now),
+            other if self.executors.contains_key(other) => self.execute_external(&op, officer, now),
             other => Err(KeyOpError::Invalid {
                 field: "operation",
                 message: format!("unknown operation kind {other}"),
@@ -520,14 +521,14 @@ impl KeyManager {
         }
     }
 
-    /// Bulk revocations are approved by a second officer like key operations.
-    pub fn with_bulk_revoker(mut self, f: BulkRevoker) -> Self {
-        self.bulk_revoker = Some(f);
+    /// Operations of other modules (e.g. `revocation.bulk`) that a second officer approves
+    /// like key operations, audited the same way; `executor` carries one out on approval.
+    pub fn with_operation(mut self, operation: &str, executor: OperationExecutor) -> Self {
+        self.executors.insert(operation.to_string(), executor);
         self
     }
 
-    /// Asks for a two-person operation that another module carries out on approval (today:
-    /// `revocation.bulk`); audited like the key operations.
+    /// Asks for a two-person operation registered with [`KeyManager::with_operation`].
     pub fn request_operation(
         &self,
         officer: &str,
@@ -535,7 +536,7 @@ impl KeyManager {
         parameters: Value,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        if operation != "revocation.bulk" || self.bulk_revoker.is_none() {
+        if !self.executors.contains_key(operation) {
             return Err(KeyOpError::Invalid {
                 field: "operation",
                 message: format!("{operation} is not an operation this daemon carries out"),
@@ -544,27 +545,16 @@ impl KeyManager {
         self.request(officer, operation, parameters, now)
     }
 
-    fn execute_bulk_revocation(
+    fn execute_external(
         &self,
         op: &Operation,
         approver: &str,
         now: i64,
     ) -> Result<Operation, KeyOpError> {
-        let Some(revoke) = &self.bulk_revoker else {
-            return Err(KeyOpError::Invalid {
-                field: "operation",
-                message: "bulk revocation is not configured in this daemon".into(),
-            });
-        };
-        let checked = revoke(&op.parameters, approver, now).map_err(KeyOpError::Database);
-        let n = self.audit_refusal(approver, "revocation.bulk", &op.parameters, checked, now)?;
-        self.finish(
-            op,
-            approver,
-            now,
-            &format!("ok: revoked {n} certificates"),
-            |_| Ok(()),
-        )
+        let executor = &self.executors[&op.operation];
+        let checked = executor(&op.parameters, approver, now).map_err(KeyOpError::Database);
+        let result = self.audit_refusal(approver, &op.operation, &op.parameters, checked, now)?;
+        self.finish(op, approver, now, &format!("ok: {result}"), |_| Ok(()))
     }
 
     fn finish(
