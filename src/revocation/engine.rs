@@ -388,11 +388,9 @@ impl RevocationEngine {
             .await
             .map_err(|e| EngineError::Hsm(format!("outbox task: {e}")))??;
         for row in due {
-            let outcome = match self.send(&row).await {
-                Ok(o) => o,
-                // Not deliverable by this node now (e.g. no gateway configured): stays pending.
-                Err(None) => continue,
-                Err(Some(e)) => Err(e),
+            // Not deliverable by this node now (e.g. no gateway configured): stays pending.
+            let Some(outcome) = self.send(&row).await else {
+                continue;
             };
             let me = self.clone();
             let attempts = row.attempts + 1;
@@ -435,58 +433,52 @@ impl RevocationEngine {
         Ok(())
     }
 
-    /// Sends one outbox row. `Err(None)`: this node cannot send it now (left pending).
-    #[allow(clippy::type_complexity)]
-    async fn send(
-        &self,
-        row: &OutboxRow,
-    ) -> Result<Result<Option<String>, DeliveryError>, Option<DeliveryError>> {
+    /// Sends one outbox row: the gateway id of an upload (`Some(Ok(Some(id)))`), another
+    /// success (`Some(Ok(None))`), a failure, or `None` when this node cannot send it now (no
+    /// gateway or client configured: it stays pending).
+    async fn send(&self, row: &OutboxRow) -> Option<Result<Option<String>, DeliveryError>> {
+        let config = |m: String| Some(Err(DeliveryError::Config(m)));
         match row.kind.as_str() {
             "upload" => {
-                let Some(gw) = &self.gateway else {
-                    return Err(None);
-                };
+                let gw = self.gateway.as_ref()?;
                 let body =
                     String::from_utf8_lossy(row.body.as_deref().unwrap_or_default()).into_owned();
-                Ok(gw.upload(&body).await.map(Some))
+                Some(gw.upload(&body).await.map(Some))
             }
             "delete" => {
-                let (Some(gw), Some(upload)) = (&self.gateway, &self.upload) else {
-                    return Err(None);
-                };
+                let (gw, upload) = (self.gateway.as_ref()?, self.upload.as_ref()?);
                 let Some(id) = row.gateway_id.clone() else {
-                    return Ok(Err(DeliveryError::Config(
-                        "deletion of a batch without a gateway id".into(),
-                    )));
+                    return config("deletion of a batch without a gateway id".into());
                 };
                 let json = batch::delete_json(&id);
                 let token = self.token.clone();
                 let key = upload.key.clone();
                 let cert = upload.cert.clone();
-                let cms = tokio::task::spawn_blocking(move || {
+                let signed = tokio::task::spawn_blocking(move || {
                     batch::cms_base64(&token, &key, &cert, &json)
                 })
-                .await
-                .map_err(|e| Some(DeliveryError::Config(e.to_string())))?
-                .map_err(|e| Some(DeliveryError::Config(format!("signing the deletion: {e}"))))?;
-                Ok(gw.delete(&cms).await.map(|_| None))
+                .await;
+                // An HSM that fails to sign now may sign later: retried like a transport error.
+                let cms = match signed {
+                    Ok(Ok(cms)) => cms,
+                    Ok(Err(e)) => {
+                        return Some(Err(DeliveryError::Transport(format!(
+                            "signing the deletion in the HSM: {e}"
+                        ))))
+                    }
+                    Err(e) => return config(format!("signing task: {e}")),
+                };
+                Some(gw.delete(&cms).await.map(|_| None))
             }
             "event" => {
-                let Some(client) = &self.client else {
-                    return Err(None);
-                };
+                let client = self.client.as_ref()?;
                 let Some((_, url)) = self.subscribers.iter().find(|(n, _)| *n == row.target) else {
-                    return Ok(Err(DeliveryError::Config(format!(
-                        "subscriber {} is no longer configured",
-                        row.target
-                    ))));
+                    return config(format!("subscriber {} is no longer configured", row.target));
                 };
                 let body = row.body.clone().unwrap_or_default();
-                Ok(client.post_json(url, body).await.map(|_| None))
+                Some(client.post_json(url, body).await.map(|_| None))
             }
-            other => Ok(Err(DeliveryError::Config(format!(
-                "unknown outbox kind {other}"
-            )))),
+            other => config(format!("unknown outbox kind {other}")),
         }
     }
 
