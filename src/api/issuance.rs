@@ -17,7 +17,7 @@ use super::error::{self, codes};
 use super::limits::Limits;
 use super::pb;
 use crate::dcc::CertType;
-use crate::issuance::{Issued, Issuer, Payload, RequestContext};
+use crate::issuance::{IssueError, Issued, Issuer, Payload, RequestContext};
 
 /// The service.
 #[derive(Clone)]
@@ -79,9 +79,47 @@ fn cert_type(t: i32, rid: &str) -> Result<CertType, Status> {
     }
 }
 
-enum Body {
+pub(super) enum Body {
     Json(String),
     Cbor(Vec<u8>),
+}
+
+/// The UVCI prefix for a caller's certificates: its own, else the issuer's.
+pub(super) fn uvci_prefix(caller: &Caller, issuer: &Issuer) -> String {
+    caller
+        .config
+        .uvci_prefix
+        .clone()
+        .unwrap_or_else(|| issuer.settings().uvci_prefix.clone())
+}
+
+/// Runs the pipeline for one request in a task of its own, not part of the handler's future: a
+/// client that goes away (or whose deadline passes) must not cut the pipeline between
+/// reservation and completion, or its retry would find the request "in progress" forever.
+pub(super) fn spawn_issue(
+    issuer: Arc<Issuer>,
+    t: CertType,
+    body: Body,
+    (client, rid, prefix): (String, String, String),
+    replaces: Option<i64>,
+) -> tokio::task::JoinHandle<Result<Issued, IssueError>> {
+    tokio::spawn(async move {
+        let now = time::OffsetDateTime::now_utc();
+        let ctx = RequestContext {
+            client: &client,
+            request_id: &rid,
+            uvci_prefix: &prefix,
+            replaces,
+        };
+        match &body {
+            Body::Json(j) => {
+                issuer
+                    .issue_for_async(t, Payload::Json(j.as_bytes()), now, ctx)
+                    .await
+            }
+            Body::Cbor(c) => issuer.issue_for_async(t, Payload::Cbor(c), now, ctx).await,
+        }
+    })
 }
 
 /// A checked request, ready to sign.
@@ -172,34 +210,10 @@ impl IssuanceService {
         p: Prepared,
     ) -> Result<pb::IssueResponse, (Status, pb::ErrorDetail)> {
         let started = Instant::now();
-        let issuer = self.issuer.clone();
-        let prefix = caller
-            .config
-            .uvci_prefix
-            .clone()
-            .unwrap_or_else(|| issuer.settings().uvci_prefix.clone());
+        let prefix = uvci_prefix(caller, &self.issuer);
         let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
-        let client = caller.identity.clone();
-        // A task of its own, not part of this handler's future: a client that goes away (or
-        // whose deadline passes) must not cut the pipeline between reservation and completion,
-        // or its retry would find the request "in progress" forever.
-        let task = tokio::spawn(async move {
-            let now = time::OffsetDateTime::now_utc();
-            let ctx = RequestContext {
-                client: &client,
-                request_id: &p.rid,
-                uvci_prefix: &prefix,
-                replaces: None,
-            };
-            match &p.body {
-                Body::Json(j) => {
-                    issuer
-                        .issue_for_async(t, Payload::Json(j.as_bytes()), now, ctx)
-                        .await
-                }
-                Body::Cbor(c) => issuer.issue_for_async(t, Payload::Cbor(c), now, ctx).await,
-            }
-        });
+        let who = (caller.identity.clone(), p.rid, prefix);
+        let task = spawn_issue(self.issuer.clone(), t, p.body, who, None);
         let result = task.await.map_err(|e| {
             let d = pb::ErrorDetail {
                 code: "2-60-5000".into(),

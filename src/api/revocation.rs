@@ -9,10 +9,11 @@ use serde_json::json;
 use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Caller, Service};
+use super::issuance::{spawn_issue, uvci_prefix, Body};
 use super::{error, pb};
 use crate::config::Role;
 use crate::dcc::CertType;
-use crate::issuance::{IssueError, Issuer, Payload, RequestContext};
+use crate::issuance::{IssueError, Issuer};
 use crate::keys::KeyManager;
 use crate::revocation::engine::{EngineError, RevocationEngine, BULK_OPERATION};
 use crate::revocation::store::{CertificateInfo, Reason, StoreError};
@@ -182,34 +183,16 @@ impl pb::revocation_server::Revocation for RevocationService {
         // the same new certificate instead of a second one.
         let old_hash = hash::uci_hash(r.uvci.trim());
         let rid = format!("replace:{}", hex::encode(old_hash));
-        let prefix = caller
-            .config
-            .uvci_prefix
-            .clone()
-            .unwrap_or_else(|| self.issuer.settings().uvci_prefix.clone());
-        let issuer = self.issuer.clone();
-        let client = caller.identity.clone();
-        let old_id = old.id;
-        let rid2 = rid.clone();
-        let task = tokio::spawn(async move {
-            let ctx = RequestContext {
-                client: &client,
-                request_id: &rid2,
-                uvci_prefix: &prefix,
-                replaces: Some(old_id),
-            };
-            let now = time::OffsetDateTime::now_utc();
-            match &body {
-                pb::replace_request::Payload::PayloadJson(j) => {
-                    issuer
-                        .issue_for_async(t, Payload::Json(j.as_bytes()), now, ctx)
-                        .await
-                }
-                pb::replace_request::Payload::PayloadCbor(c) => {
-                    issuer.issue_for_async(t, Payload::Cbor(c), now, ctx).await
-                }
-            }
-        });
+        let body = match body {
+            pb::replace_request::Payload::PayloadJson(j) => Body::Json(j),
+            pb::replace_request::Payload::PayloadCbor(c) => Body::Cbor(c),
+        };
+        let who = (
+            caller.identity.clone(),
+            rid.clone(),
+            uvci_prefix(&caller, &self.issuer),
+        );
+        let task = spawn_issue(self.issuer.clone(), t, body, who, Some(old.id));
         let issued = task
             .await
             .map_err(|e| Status::internal(format!("replacement task failed: {e}")))?
