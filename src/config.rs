@@ -297,11 +297,20 @@ pub struct HsmConfig {
     /// Bound of the signing queue.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Sign with session copies of the keys (`C_CopyObject`, `CKA_TOKEN = false`), made once
+    /// per key, instead of the token objects: SoftHSM re-reads a token object from disk on every
+    /// use. Switch off for a token that limits session objects.
+    #[serde(default = "yes")]
+    pub session_key_copies: bool,
 }
 
 fn default_module() -> PathBuf {
     PathBuf::from(SOFTHSM_MODULE)
 }
+fn yes() -> bool {
+    true
+}
+
 fn default_queue() -> usize {
     4096
 }

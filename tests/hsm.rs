@@ -111,6 +111,53 @@ fn pool_signatures_verify_with_the_public_key() {
 }
 
 #[test]
+fn pool_signs_with_a_session_copy_that_destroy_removes() {
+    let t = token();
+    let k = t.generate_p256("copy-key").unwrap();
+    assert!(t.session_copies(&k).unwrap().is_empty());
+    let pool = t.signing_pool(2, 16).unwrap();
+    let vk = p256::ecdsa::VerifyingKey::from(&k.public_key);
+    for i in 0..20u32 {
+        let digest: [u8; 32] = Sha256::digest(i.to_be_bytes()).into();
+        let sig = p256::ecdsa::Signature::from_slice(&pool.sign(&k, digest).unwrap()).unwrap();
+        vk.verify_prehash(&digest, &sig).unwrap();
+    }
+    // One copy for both workers, as protected as the original.
+    assert_eq!(t.session_copies(&k).unwrap(), vec![(true, false)]);
+    // Lookups by label still see only the token object.
+    assert_eq!(
+        t.key_labels()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == "copy-key")
+            .count(),
+        1
+    );
+    assert_eq!(t.find_key("copy-key").unwrap().id, k.id);
+    // Destroying the key destroys its copy first: the pool can no longer sign with it.
+    t.destroy_key_pair(&k).unwrap();
+    assert!(t.session_copies(&k).unwrap().is_empty());
+    assert!(
+        pool.sign(&k, [3u8; 32]).is_err(),
+        "a destroyed key must not sign through a session copy"
+    );
+}
+
+#[test]
+fn session_copies_can_be_switched_off() {
+    let t = token();
+    t.set_session_copies(false);
+    let k = t.generate_p256("no-copy-key").unwrap();
+    let pool = t.signing_pool(1, 4).unwrap();
+    let digest = [5u8; 32];
+    let sig = p256::ecdsa::Signature::from_slice(&pool.sign(&k, digest).unwrap()).unwrap();
+    p256::ecdsa::VerifyingKey::from(&k.public_key)
+        .verify_prehash(&digest, &sig)
+        .unwrap();
+    assert!(t.session_copies(&k).unwrap().is_empty());
+}
+
+#[test]
 fn pool_submit_replies_from_worker() {
     let t = token();
     let k = t.generate_p256("submit-key").unwrap();

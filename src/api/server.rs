@@ -108,6 +108,7 @@ pub async fn serve(
         ));
     }
     let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
+    token.set_session_copies(cfg.hsm.session_key_copies);
     let pool = token.signing_pool(cfg.pool_size(), cfg.hsm.queue)?;
     let token = Arc::new(token);
     let uvci_key = cfg.uvci_key(&token)?;

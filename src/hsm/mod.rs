@@ -7,9 +7,12 @@
 //!   are only ever referenced by handle; no key material enters this process;
 //! - PKCS#11 calls run on dedicated threads (the pool's workers, or the caller's own thread for
 //!   one-off operations such as certificate issuance), never on an async runtime;
-//! - a wrong PIN is reported once and never retried (tokens lock after a few failures).
+//! - a wrong PIN is reported once and never retried (tokens lock after a few failures);
+//! - the pool signs with session copies of the keys (`CKA_TOKEN = false`, otherwise the same
+//!   attributes), which a destroy removes before the key itself (`copies`).
 
 mod context;
+mod copies;
 mod error;
 mod pin;
 mod pool;

@@ -18,6 +18,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::copies::SessionCopies;
 use super::token::to_raw64;
 use super::{HsmError, KeyHandle, SecretKeyHandle};
 
@@ -32,6 +33,8 @@ enum Work {
     Sign {
         key: ObjectHandle,
         digest: [u8; 32],
+        /// With the token object even when the pool signs with session copies.
+        direct: bool,
         reply: SignReply,
     },
     /// `CKM_SHA256_HMAC` over data.
@@ -64,11 +67,14 @@ impl std::fmt::Debug for SigningPool {
 }
 
 impl SigningPool {
+    /// Starts `size` workers. With `copies`, they sign with session copies of the keys (see
+    /// [`super::copies`]); without, with the token objects themselves.
     pub(crate) fn start(
         ctx: Pkcs11,
         slot: Slot,
         size: usize,
         queue: usize,
+        copies: Option<Arc<SessionCopies>>,
     ) -> Result<Self, HsmError> {
         let queue = queue.max(1);
         let (tx, rx) = bounded::<Job>(queue);
@@ -78,9 +84,10 @@ impl SigningPool {
             let session = ctx.open_ro_session(slot)?;
             let rx = rx.clone();
             let ctx = ctx.clone();
+            let copies = copies.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-worker-{i}"))
-                .spawn(move || worker(ctx, slot, session, rx))
+                .spawn(move || worker(ctx, slot, session, copies, rx))
                 .map_err(|e| HsmError::Wrapper(format!("cannot start worker thread: {e}")))?;
             workers.push(handle);
         }
@@ -126,7 +133,16 @@ impl SigningPool {
             .try_acquire_owned()
             .map_err(|_| HsmError::Overloaded)?;
         let key = key.private;
-        self.enqueue(Work::Sign { key, digest, reply }, slot)
+        let direct = false;
+        self.enqueue(
+            Work::Sign {
+                key,
+                digest,
+                direct,
+                reply,
+            },
+            slot,
+        )
     }
 
     /// Signs a SHA-256 digest on a worker; waits (asynchronously) for room in the queue.
@@ -135,14 +151,40 @@ impl SigningPool {
         key: &KeyHandle,
         digest: [u8; 32],
     ) -> Result<[u8; 64], HsmError> {
+        self.sign_on_worker(key, digest, false).await
+    }
+
+    async fn sign_on_worker(
+        &self,
+        key: &KeyHandle,
+        digest: [u8; 32],
+        direct: bool,
+    ) -> Result<[u8; 64], HsmError> {
         let slot = self.slot().await?;
         let (tx, rx) = oneshot::channel();
         let reply: SignReply = Box::new(move |r| {
             let _ = tx.send(r);
         });
         let key = key.private;
-        self.enqueue(Work::Sign { key, digest, reply }, slot)?;
+        let work = Work::Sign {
+            key,
+            digest,
+            direct,
+            reply,
+        };
+        self.enqueue(work, slot)?;
         rx.await.map_err(|_| HsmError::PoolClosed)?
+    }
+
+    /// Signs with the key's token object, never its session copy, and waits (blocking): a
+    /// health check that the token itself is still there, which session copies would hide
+    /// (they keep signing from memory after a software token lost its store).
+    pub fn sign_with_token_object(
+        &self,
+        key: &KeyHandle,
+        digest: [u8; 32],
+    ) -> Result<[u8; 64], HsmError> {
+        futures_executor::block_on(self.sign_on_worker(key, digest, true))
     }
 
     /// HMAC-SHA256 of `data` under a secret key of the token, on a worker.
@@ -183,7 +225,7 @@ impl Drop for SigningPool {
     }
 }
 
-fn session_lost(e: &CkError) -> bool {
+pub(super) fn session_lost(e: &CkError) -> bool {
     matches!(
         e,
         CkError::Pkcs11(
@@ -197,7 +239,13 @@ fn session_lost(e: &CkError) -> bool {
     )
 }
 
-fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Receiver<Job>) {
+fn worker(
+    ctx: Pkcs11,
+    slot: Slot,
+    session: Session,
+    copies: Option<Arc<SessionCopies>>,
+    rx: crossbeam_channel::Receiver<Job>,
+) {
     let mut session = Some(session);
     let busy = metrics::gauge!("dccsign_hsm_sessions_busy");
     for job in rx.iter() {
@@ -205,22 +253,40 @@ fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Rece
         if session.is_none() {
             session = ctx.open_ro_session(slot).ok();
         }
-        let (mechanism, key, data): (Mechanism, ObjectHandle, &[u8]) = match &job.work {
-            Work::Sign { key, digest, .. } => (Mechanism::Ecdsa, *key, digest),
-            Work::Hmac { key, data, .. } => (Mechanism::Sha256Hmac, *key, data),
+        let (mechanism, key, data, direct): (Mechanism, ObjectHandle, &[u8], bool) = match &job.work
+        {
+            Work::Sign {
+                key,
+                digest,
+                direct,
+                ..
+            } => (Mechanism::Ecdsa, *key, digest, *direct),
+            Work::Hmac { key, data, .. } => (Mechanism::Sha256Hmac, *key, data, false),
         };
+        let copies = if direct { None } else { copies.as_deref() };
         let result = match &session {
             None => Err(HsmError::Call {
                 function: "C_OpenSession".into(),
                 rv: "session could not be reopened".into(),
             }),
-            Some(s) => s.sign(&mechanism, key, data).map_err(|e| {
-                if session_lost(&e) {
-                    // Drop the session; the next job opens a fresh one.
-                    session = None;
+            Some(s) => {
+                let mut result = sign_with(s, copies, slot, &mechanism, key, data);
+                if let Err(SignFailure::CopyGone(copy, _)) = result {
+                    // The copy vanished (its keeper session was lost): make a new one, once.
+                    if let Some(c) = copies {
+                        c.invalidate(key, copy);
+                    }
+                    result = sign_with(s, copies, slot, &mechanism, key, data);
                 }
-                HsmError::from(e)
-            }),
+                result.map_err(|f| {
+                    let (SignFailure::CopyGone(_, e) | SignFailure::Token(e)) = f;
+                    if session_lost(&e) {
+                        // Drop the session; the next job opens a fresh one.
+                        session = None;
+                    }
+                    HsmError::from(e)
+                })
+            }
         };
         busy.decrement(1.0);
         match job.work {
@@ -232,4 +298,32 @@ fn worker(ctx: Pkcs11, slot: Slot, session: Session, rx: crossbeam_channel::Rece
             })),
         }
     }
+}
+
+/// Why a signature failed.
+enum SignFailure {
+    /// The session copy with this handle is no longer known to the token.
+    CopyGone(ObjectHandle, CkError),
+    /// Any other error of the token.
+    Token(CkError),
+}
+
+/// Signs with the session copy of `key` when there is one, else with `key`.
+fn sign_with(
+    session: &Session,
+    copies: Option<&SessionCopies>,
+    slot: Slot,
+    mechanism: &Mechanism,
+    key: ObjectHandle,
+    data: &[u8],
+) -> Result<Vec<u8>, SignFailure> {
+    let handle = copies.map_or(key, |c| c.resolve(slot, key));
+    session.sign(mechanism, handle, data).map_err(|e| match e {
+        CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)
+            if handle != key =>
+        {
+            SignFailure::CopyGone(handle, e)
+        }
+        e => SignFailure::Token(e),
+    })
 }

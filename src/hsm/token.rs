@@ -1,7 +1,8 @@
 //! A logged-in token: the anchor session, key generation, key lookup and one-off signing.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -15,6 +16,7 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use rand::RngCore;
 use secrecy::SecretString;
 
+use super::copies::SessionCopies;
 use super::{context::context, load_pin, HsmError, KeyUri, PinSource, SigningPool};
 
 /// DER of the named-curve OID for P-256 (prime256v1, 1.2.840.10045.3.1.7), the `CKA_EC_PARAMS`
@@ -71,6 +73,10 @@ pub struct Token {
     label: String,
     settings: TokenSettings,
     anchor: Mutex<Session>,
+    /// Session copies of the keys the signing pools use.
+    copies: Arc<SessionCopies>,
+    /// Whether new signing pools use session copies (default: yes).
+    session_copies: AtomicBool,
 }
 
 impl std::fmt::Debug for Token {
@@ -113,6 +119,8 @@ impl Token {
         let anchor = ctx.open_rw_session(slot)?;
         login(&anchor, UserType::User, &pin)?;
         Ok(Token {
+            copies: Arc::new(SessionCopies::new(ctx.clone())),
+            session_copies: AtomicBool::new(true),
             ctx,
             slot: Mutex::new(slot),
             label: settings.label.clone(),
@@ -153,6 +161,8 @@ impl Token {
         };
         *self.anchor.lock().unwrap_or_else(|p| p.into_inner()) = session;
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = slot;
+        // Every handle changed: the copies of the old ones are gone or meaningless.
+        self.copies.clear();
         Ok(())
     }
 
@@ -249,8 +259,11 @@ impl Token {
     }
 
     /// Removes a key pair (private and public objects with the key's `CKA_ID`) from the token.
+    /// A session copy of the private key is destroyed first, so no pool can sign with it after.
     pub fn destroy_key_pair(&self, key: &KeyHandle) -> Result<usize, HsmError> {
+        self.copies.forget(key.private)?;
         let session = self.anchor();
+        // By id, so any other session copy of the key goes as well.
         let found = session.find_objects(&[Attribute::Id(key.id.clone())])?;
         for h in &found {
             session.destroy_object(*h)?;
@@ -265,6 +278,7 @@ impl Token {
     ) -> Result<Option<ObjectHandle>, HsmError> {
         let session = self.anchor();
         let found = session.find_objects(&[
+            Attribute::Token(true),
             Attribute::Class(class),
             Attribute::Label(label.as_bytes().to_vec()),
         ])?;
@@ -275,6 +289,8 @@ impl Token {
     pub fn find_key(&self, label: &str) -> Result<KeyHandle, HsmError> {
         let session = self.anchor();
         let found = session.find_objects(&[
+            // Never a session copy (`copies`) of the key.
+            Attribute::Token(true),
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::KeyType(KeyType::EC),
             Attribute::Label(label.as_bytes().to_vec()),
@@ -299,7 +315,10 @@ impl Token {
     pub fn key_labels(&self) -> Result<Vec<String>, HsmError> {
         let session = self.anchor();
         let mut out = Vec::new();
-        for h in session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+        for h in session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+        ])? {
             if let Some(Attribute::Label(l)) =
                 session.get_attributes(h, &[AttributeType::Label])?.pop()
             {
@@ -381,31 +400,81 @@ impl Token {
         Ok(matches!(attrs, Ok(v) if v.iter().any(|a| matches!(a, Attribute::Value(_)))))
     }
 
+    /// `CKA_SENSITIVE` and `CKA_EXTRACTABLE` of each session copy of the private key that this
+    /// process holds (`hsm::copies`): for checks and diagnostics; normally one or none, and
+    /// always `(true, false)`.
+    pub fn session_copies(&self, key: &KeyHandle) -> Result<Vec<(bool, bool)>, HsmError> {
+        let session = self.anchor();
+        let found = session.find_objects(&[
+            Attribute::Token(false),
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(key.id.clone()),
+        ])?;
+        found
+            .into_iter()
+            .map(|h| protection_flags(&session, h))
+            .collect()
+    }
+
     /// The private key's `CKA_SENSITIVE` and `CKA_EXTRACTABLE` flags as the token reports them.
     pub fn protection_flags(&self, key: &KeyHandle) -> Result<(bool, bool), HsmError> {
-        let session = self.anchor();
-        let attrs = session.get_attributes(
-            key.private,
-            &[AttributeType::Sensitive, AttributeType::Extractable],
-        )?;
-        let mut sensitive = false;
-        let mut extractable = true;
-        for a in attrs {
-            match a {
-                Attribute::Sensitive(v) => sensitive = v,
-                Attribute::Extractable(v) => extractable = v,
-                _ => {}
-            }
-        }
-        Ok((sensitive, extractable))
+        protection_flags(&self.anchor(), key.private)
+    }
+
+    /// Whether signing pools started from now on sign with session copies of the keys
+    /// (`[hsm] session_key_copies`, default true; see `hsm::copies`).
+    pub fn set_session_copies(&self, enabled: bool) {
+        self.session_copies.store(enabled, Ordering::Relaxed);
     }
 
     /// Starts a signing pool of `size` sessions, each owned by a worker thread, fed by a queue
-    /// bounded at `queue` jobs.
+    /// bounded at `queue` jobs. It signs with session copies of the keys unless they are
+    /// switched off ([`Token::set_session_copies`]).
     pub fn signing_pool(&self, size: usize, queue: usize) -> Result<SigningPool, HsmError> {
-        let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        SigningPool::start(self.ctx.clone(), slot, size.max(1), queue.max(1))
+        let copies = self
+            .session_copies
+            .load(Ordering::Relaxed)
+            .then(|| self.copies.clone());
+        self.start_pool(size, queue, copies)
     }
+
+    /// A signing pool that always signs with the token objects themselves — the raw baseline of
+    /// the load generator, whatever the configuration says.
+    pub fn signing_pool_on_token_objects(
+        &self,
+        size: usize,
+        queue: usize,
+    ) -> Result<SigningPool, HsmError> {
+        self.start_pool(size, queue, None)
+    }
+
+    fn start_pool(
+        &self,
+        size: usize,
+        queue: usize,
+        copies: Option<Arc<SessionCopies>>,
+    ) -> Result<SigningPool, HsmError> {
+        let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        SigningPool::start(self.ctx.clone(), slot, size.max(1), queue.max(1), copies)
+    }
+}
+
+/// `CKA_SENSITIVE` and `CKA_EXTRACTABLE` of an object (absent = the unsafe value).
+fn protection_flags(session: &Session, object: ObjectHandle) -> Result<(bool, bool), HsmError> {
+    let attrs = session.get_attributes(
+        object,
+        &[AttributeType::Sensitive, AttributeType::Extractable],
+    )?;
+    let mut sensitive = false;
+    let mut extractable = true;
+    for a in attrs {
+        match a {
+            Attribute::Sensitive(v) => sensitive = v,
+            Attribute::Extractable(v) => extractable = v,
+            _ => {}
+        }
+    }
+    Ok((sensitive, extractable))
 }
 
 fn read_public_key(session: &Session, id: &[u8]) -> Result<p256::PublicKey, HsmError> {

@@ -252,7 +252,8 @@ impl Issuer {
     }
 
     /// The health canary: one signature through the pool with each DSC's key, checked against
-    /// the DSC's certified public key, and a ledger write check.
+    /// the DSC's certified public key, one more with the token object itself (the pool signs
+    /// with session copies, which outlive a software token's store), and a ledger write check.
     pub fn canary(&self) -> Result<(), String> {
         use p256::ecdsa::signature::hazmat::PrehashVerifier;
         let mut digest = [0u8; 32];
@@ -277,6 +278,9 @@ impl Issuer {
             p256::ecdsa::VerifyingKey::from(&s.dsc.dsc.public_key)
                 .verify_prehash(&digest, &sig)
                 .map_err(|_| format!("HSM: signature of {} does not verify", s.dsc.dsc.label))?;
+            self.pool()
+                .sign_with_token_object(&s.dsc.key, digest)
+                .map_err(|e| format!("HSM: {e}"))?;
         }
         if let Some(k) = self.uvci_key() {
             self.pool()

@@ -445,6 +445,9 @@ softhsm2_conf = "softhsm2.conf"
 # Signing sessions (= worker threads); 0 = number of CPUs.
 pool_size = 0
 queue = 4096
+# Sign with session copies of the keys (made once per key inside the token): SoftHSM re-reads a
+# token object from disk on every use. false = sign with the token objects.
+session_key_copies = true
 
 [ledger]
 path = "ledger.sqlite"
