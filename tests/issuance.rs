@@ -304,3 +304,75 @@ fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
     assert_ne!(theirs.uvci, first.uvci);
     assert_eq!(ledger.counts().unwrap().signed, 2);
 }
+
+/// The ledger is read only when issuing fails, so a recorded request must still be answered
+/// from the ledger whatever made the new attempt fail: a payload that no longer passes the
+/// rules at the time of the retry, or a reservation refused because the first attempt is
+/// still recorded without a signature.
+#[test]
+fn a_retry_is_answered_from_the_ledger_whatever_fails_first() {
+    use dccsign::issuance::RequestContext;
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let payload = vaccination(None);
+    let ctx = RequestContext {
+        client: "spiffe://x/issuer",
+        request_id: "retry-rules",
+        uvci_prefix: "DEV",
+        replaces: None,
+    };
+    let first = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)
+        .unwrap();
+    // At this time the vaccination date lies in the future: a new request would be refused…
+    let earlier = now - time::Duration::days(30);
+    let fresh = RequestContext {
+        request_id: "new-at-that-time",
+        ..ctx
+    };
+    let refused = iss
+        .issue_for(
+            CertType::Vaccination,
+            Payload::Json(&payload),
+            earlier,
+            fresh,
+        )
+        .unwrap_err();
+    assert!(refused.is_client_error(), "{refused}");
+    // …but the retry of a recorded one is its recorded certificate.
+    let again = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), earlier, ctx)
+        .unwrap();
+    assert_eq!(again.cose, first.cose);
+
+    // A first attempt interrupted after its reservation: the retry is "in progress".
+    let stuck = RequestContext {
+        request_id: "retry-stuck",
+        ..ctx
+    };
+    ledger.fail_complete.store(true, Ordering::SeqCst);
+    let err = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, stuck)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::Ledger(_)), "{err}");
+    ledger.fail_complete.store(false, Ordering::SeqCst);
+    let err = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, stuck)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::RequestInProgress), "{err}");
+    assert_eq!(err.code(), "2-60-5008");
+    // With another payload it is a reused request id, in progress or not.
+    let other = vaccination(Some("URN:UVCI:01:SE:DEV/STUCKOTHER1"));
+    let err = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&other), now, stuck)
+        .unwrap_err();
+    assert!(matches!(err, IssueError::RequestIdReused), "{err}");
+    assert_eq!(
+        ledger.counts().unwrap(),
+        LedgerCounts {
+            reserved: 1,
+            signed: 1
+        }
+    );
+}
