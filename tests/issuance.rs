@@ -246,6 +246,16 @@ fn cbor_payloads_sign_like_json() {
     assert_eq!(ledger.counts().unwrap().signed, 1);
 }
 
+/// A request of the test client.
+fn request(request_id: &str) -> dccsign::issuance::RequestContext<'_> {
+    dccsign::issuance::RequestContext {
+        client: "spiffe://x/issuer",
+        request_id,
+        uvci_prefix: "DEV",
+        replaces: None,
+    }
+}
+
 #[test]
 fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
     use dccsign::issuance::RequestContext;
@@ -253,12 +263,7 @@ fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
     let iss = issuer(ledger.clone());
     let now = time::OffsetDateTime::now_utc();
     let payload = vaccination(None);
-    let ctx = RequestContext {
-        client: "spiffe://x/issuer",
-        request_id: "retry-1",
-        uvci_prefix: "DEV",
-        replaces: None,
-    };
+    let ctx = request("retry-1");
     let first = iss
         .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)
         .unwrap();
@@ -311,26 +316,17 @@ fn a_retried_request_returns_the_same_bytes_without_a_second_signature() {
 /// still recorded without a signature.
 #[test]
 fn a_retry_is_answered_from_the_ledger_whatever_fails_first() {
-    use dccsign::issuance::RequestContext;
     let ledger = flaky();
     let iss = issuer(ledger.clone());
     let now = time::OffsetDateTime::now_utc();
     let payload = vaccination(None);
-    let ctx = RequestContext {
-        client: "spiffe://x/issuer",
-        request_id: "retry-rules",
-        uvci_prefix: "DEV",
-        replaces: None,
-    };
+    let ctx = request("retry-rules");
     let first = iss
         .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)
         .unwrap();
     // At this time the vaccination date lies in the future: a new request would be refused…
     let earlier = now - time::Duration::days(30);
-    let fresh = RequestContext {
-        request_id: "new-at-that-time",
-        ..ctx
-    };
+    let fresh = request("new-at-that-time");
     let refused = iss
         .issue_for(
             CertType::Vaccination,
@@ -347,10 +343,7 @@ fn a_retry_is_answered_from_the_ledger_whatever_fails_first() {
     assert_eq!(again.cose, first.cose);
 
     // A first attempt interrupted after its reservation: the retry is "in progress".
-    let stuck = RequestContext {
-        request_id: "retry-stuck",
-        ..ctx
-    };
+    let stuck = request("retry-stuck");
     ledger.fail_complete.store(true, Ordering::SeqCst);
     let err = iss
         .issue_for(CertType::Vaccination, Payload::Json(&payload), now, stuck)

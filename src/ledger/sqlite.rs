@@ -725,6 +725,17 @@ mod tests {
         );
     }
 
+    /// Writes whose replies go nowhere (the test reads `apply_group`'s results).
+    fn unanswered(writes: impl IntoIterator<Item = LedgerWrite>) -> Vec<WriteOp> {
+        writes
+            .into_iter()
+            .map(|kind| WriteOp {
+                kind,
+                reply: Box::new(|_| {}),
+            })
+            .collect()
+    }
+
     /// One group with failing writes in it (a reused UVCI, a reused request id whose
     /// certificate row must not stay, a completion of nothing): the group is applied again with
     /// savepoints, each failing write fails alone with its own error, and every other write of
@@ -749,13 +760,7 @@ mod tests {
             LedgerWrite::Complete(ReservationId(999), [9; 16], [9; 64]),
             LedgerWrite::Reserve(res(4), None),
         ];
-        let group: Vec<WriteOp> = ops
-            .into_iter()
-            .map(|kind| WriteOp {
-                kind,
-                reply: Box::new(|_| {}),
-            })
-            .collect();
+        let group = unanswered(ops);
         let results = apply_group(&conn, &group).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         assert!(matches!(results[0], Ok(Some(_))), "{results:?}");
@@ -796,10 +801,7 @@ mod tests {
             }
         );
         // A group without failures commits on the first pass.
-        let ok = [LedgerWrite::Reserve(res(5), None)].map(|kind| WriteOp {
-            kind,
-            reply: Box::new(|_| {}),
-        });
+        let ok = unanswered([LedgerWrite::Reserve(res(5), None)]);
         let results = apply_group(&conn, &ok).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         assert!(matches!(results[0], Ok(Some(_))));
