@@ -137,9 +137,12 @@ pub enum LedgerWrite {
     Release(ReservationId),
 }
 
-/// Receives the result of a write once it is durable (or has failed): the reservation id for
-/// [`LedgerWrite::Reserve`], `None` for the others.
-pub type WriteReply = Box<dyn FnOnce(Result<Option<ReservationId>, LedgerError>) + Send + 'static>;
+/// The result of a write: the reservation id for [`LedgerWrite::Reserve`], `None` for the
+/// others.
+pub type WriteResult = Result<Option<ReservationId>, LedgerError>;
+
+/// Receives the result of a write once it is durable (or has failed).
+pub type WriteReply = Box<dyn FnOnce(WriteResult) + Send + 'static>;
 
 /// Storage for certificate records. A write's reply must run only once the write is durable.
 pub trait Ledger: Send + Sync {
@@ -193,10 +196,7 @@ pub trait Ledger: Send + Sync {
     fn check_writable(&self) -> Result<(), LedgerError>;
 }
 
-fn write_blocking<L: Ledger + ?Sized>(
-    ledger: &L,
-    w: LedgerWrite,
-) -> Result<Option<ReservationId>, LedgerError> {
+fn write_blocking<L: Ledger + ?Sized>(ledger: &L, w: LedgerWrite) -> WriteResult {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     ledger.submit(
         w,
@@ -209,10 +209,7 @@ fn write_blocking<L: Ledger + ?Sized>(
 }
 
 /// Submits a write and waits (asynchronously) until it is durable or has failed.
-pub async fn write(
-    ledger: &dyn Ledger,
-    w: LedgerWrite,
-) -> Result<Option<ReservationId>, LedgerError> {
+pub async fn write(ledger: &dyn Ledger, w: LedgerWrite) -> WriteResult {
     let (tx, rx) = tokio::sync::oneshot::channel();
     ledger.submit(
         w,

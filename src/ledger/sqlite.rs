@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::{
     CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, RequestKey,
-    Reservation, ReservationId, StoredRequest, WriteReply,
+    Reservation, ReservationId, StoredRequest, WriteReply, WriteResult,
 };
 use crate::dcc::CertType;
 use crate::revocation::hash::RevocationHash;
@@ -196,9 +196,6 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
     }
 }
 
-/// One write's result.
-type WriteResult = Result<Option<ReservationId>, LedgerError>;
-
 /// Opens a transaction and applies the group, leaving the transaction open for the commit:
 /// first every write straight; if one fails, again from a fresh transaction with a savepoint
 /// per write. Fails only when no transaction could be opened.
@@ -247,7 +244,7 @@ fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<usize, ru
     c.prepare_cached(sql)?.execute(p)
 }
 
-fn apply(c: &Connection, kind: &LedgerWrite) -> Result<Option<ReservationId>, LedgerError> {
+fn apply(c: &Connection, kind: &LedgerWrite) -> WriteResult {
     match kind {
         LedgerWrite::Reserve(r, q) => write_reserve(c, r, q.as_ref()).map(Some),
         LedgerWrite::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
