@@ -796,6 +796,8 @@ fn the_load_generator_reports_verified_throughput() {
         "4",
         "--min-ratio",
         "1000",
+        "--raw-seconds",
+        "1",
         "--json",
     ]);
     assert!(!out.status.success());
@@ -807,6 +809,22 @@ fn the_load_generator_reports_verified_throughput() {
         "{r}"
     );
     assert!(r["raw_hsm"]["ratio"].as_f64().unwrap() < 1000.0, "{r}");
+    // The raw rate is measured before and after the run; the ratio's denominator is their mean.
+    let both: Vec<f64> = r["raw_hsm"]["before_after"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(both.len(), 2, "{r}");
+    assert!(both.iter().all(|v| *v > 0.0), "{r}");
+    let mean = r["raw_hsm"]["signatures_per_second"].as_f64().unwrap();
+    assert!((mean - (both[0] + both[1]) / 2.0).abs() < 1e-6, "{r}");
+    let rate = r["certificates_per_second"].as_f64().unwrap();
+    assert!(
+        (r["raw_hsm"]["ratio"].as_f64().unwrap() - rate / mean).abs() < 1e-9,
+        "{r}"
+    );
     // Every certificate the generator counted is in the ledger.
     let (_, signed) = d.dev.ledger_counts();
     assert!(signed > 0);

@@ -44,9 +44,14 @@ pub struct LoadArgs {
     /// Verify every Nth response's signature against the DSC from GetSigningInfo (0 = none).
     #[arg(long, default_value_t = 50)]
     verify_every: u64,
-    /// Also measure the raw SoftHSM CKM_ECDSA rate with as many threads as the daemon's pool.
+    /// Also measure the raw SoftHSM CKM_ECDSA rate with as many threads as the daemon's pool,
+    /// on the token object and on a session copy, before and after the run (the ratio uses the
+    /// mean of the two, so that a machine whose speed drifts does not bias it).
     #[arg(long)]
     raw_hsm: bool,
+    /// Seconds of each of the four raw measurements.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    raw_seconds: u64,
     /// Fail (exit 1) when the daemon/raw ratio is below this floor (implies --raw-hsm). CI uses
     /// a deliberately low floor that only a real regression crosses.
     #[arg(long)]
@@ -138,58 +143,88 @@ pub fn run(args: LoadArgs) -> ExitCode {
     }
 }
 
-/// The raw SoftHSM `CKM_ECDSA` rate, measured twice with as many threads as the daemon's pool:
-/// on the token object (the baseline the targets are stated against) and on a session copy (what
-/// the daemon signs with by default, `[hsm] session_key_copies`).
+/// The raw SoftHSM `CKM_ECDSA` rate with as many threads as the daemon's pool, on the token
+/// object (the baseline the targets are stated against) and on a session copy (what the daemon
+/// signs with by default, `[hsm] session_key_copies`); each measured once before and once after
+/// the daemon's run, so that a VM whose speed drifts during the run does not bias the ratio.
 struct RawRate {
     threads: usize,
-    token_objects: f64,
-    session_copies: f64,
+    /// Signatures/s on the token object: before, after.
+    token_objects: [f64; 2],
+    /// Signatures/s on a session copy: before, after.
+    session_copies: [f64; 2],
 }
 
-fn raw_hsm_rate(cfg: &Config, seconds: u64) -> Result<RawRate, String> {
-    let token = dccsign::hsm::Token::open(&cfg.token_settings()).map_err(|e| e.to_string())?;
-    let dscs = dccsign::keys::DscSet::load(cfg, &token, time::OffsetDateTime::now_utc())
-        .map_err(|e| e.to_string())?;
-    let key = dscs.iter().next().ok_or("no DSC configured")?.1.key.clone();
-    let threads = cfg.pool_size();
-    let measure = |pool: dccsign::hsm::SigningPool| {
-        let pool = Arc::new(pool);
-        let count = Arc::new(AtomicU64::new(0));
-        let deadline = Instant::now() + Duration::from_secs(seconds);
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                let (pool, key, count) = (pool.clone(), key.clone(), count.clone());
-                std::thread::spawn(move || {
-                    while Instant::now() < deadline {
-                        if pool.sign(&key, [7u8; 32]).is_ok() {
-                            count.fetch_add(1, Ordering::Relaxed);
+impl RawRate {
+    /// Mean of the two token-object measurements: the ratio's denominator.
+    fn token_objects(&self) -> f64 {
+        (self.token_objects[0] + self.token_objects[1]) / 2.0
+    }
+
+    /// Mean of the two session-copy measurements.
+    fn session_copies(&self) -> f64 {
+        (self.session_copies[0] + self.session_copies[1]) / 2.0
+    }
+}
+
+/// The token and key the raw rate is measured with, opened once for both measurements.
+struct RawBench {
+    token: dccsign::hsm::Token,
+    key: dccsign::hsm::KeyHandle,
+    threads: usize,
+}
+
+impl RawBench {
+    fn open(cfg: &Config) -> Result<RawBench, String> {
+        let token = dccsign::hsm::Token::open(&cfg.token_settings()).map_err(|e| e.to_string())?;
+        let dscs = dccsign::keys::DscSet::load(cfg, &token, time::OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())?;
+        let key = dscs.iter().next().ok_or("no DSC configured")?.1.key.clone();
+        Ok(RawBench {
+            token,
+            key,
+            threads: cfg.pool_size(),
+        })
+    }
+
+    /// One measurement of `seconds` each: signatures/s on the token object and on a session
+    /// copy.
+    fn measure(&self, seconds: u64) -> Result<(f64, f64), String> {
+        let threads = self.threads;
+        let measure = |pool: dccsign::hsm::SigningPool| {
+            let pool = Arc::new(pool);
+            let count = Arc::new(AtomicU64::new(0));
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (pool, key, count) = (pool.clone(), self.key.clone(), count.clone());
+                    std::thread::spawn(move || {
+                        while Instant::now() < deadline {
+                            if pool.sign(&key, [7u8; 32]).is_ok() {
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                    }
+                    })
                 })
-            })
-            .collect();
-        for h in handles {
-            let _ = h.join();
-        }
-        count.load(Ordering::Relaxed) as f64 / seconds as f64
-    };
-    let token_objects = measure(
-        token
-            .signing_pool_on_token_objects(threads, threads * 4)
-            .map_err(|e| e.to_string())?,
-    );
-    token.set_session_copies(true);
-    let session_copies = measure(
-        token
-            .signing_pool(threads, threads * 4)
-            .map_err(|e| e.to_string())?,
-    );
-    Ok(RawRate {
-        threads,
-        token_objects,
-        session_copies,
-    })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            count.load(Ordering::Relaxed) as f64 / seconds as f64
+        };
+        let token_objects = measure(
+            self.token
+                .signing_pool_on_token_objects(threads, threads * 4)
+                .map_err(|e| e.to_string())?,
+        );
+        self.token.set_session_copies(true);
+        let session_copies = measure(
+            self.token
+                .signing_pool(threads, threads * 4)
+                .map_err(|e| e.to_string())?,
+        );
+        Ok((token_objects, session_copies))
+    }
 }
 
 fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
@@ -215,6 +250,18 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         .collect();
     let run_id = format!("load-{:x}", rand::random::<u32>());
     let stats = Arc::new(Stats::default());
+    let raw_bench = if args.raw_hsm || args.min_ratio.is_some() {
+        Some(RawBench::open(&cfg)?)
+    } else {
+        None
+    };
+    let raw_before = match &raw_bench {
+        Some(bench) => {
+            eprintln!("measuring the raw SoftHSM rate before the run…");
+            Some(bench.measure(args.raw_seconds)?)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -292,10 +339,16 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         Ok::<_, String>(start.elapsed())
     })?;
 
-    let raw = if args.raw_hsm || args.min_ratio.is_some() {
-        Some(raw_hsm_rate(&cfg, 5)?)
-    } else {
-        None
+    let raw = match (raw_bench, raw_before) {
+        (Some(bench), Some(before)) => {
+            let after = bench.measure(args.raw_seconds)?;
+            Some(RawRate {
+                threads: bench.threads,
+                token_objects: [before.0, after.0],
+                session_copies: [before.1, after.1],
+            })
+        }
+        _ => None,
     };
     let mut lat = stats
         .latencies_us
@@ -323,9 +376,11 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         "verified": stats.verified.load(Ordering::Relaxed),
         "verify_failures": stats.verify_failures.load(Ordering::Relaxed),
         "raw_hsm": raw.as_ref().map(|r| json!({"threads": r.threads,
-            "signatures_per_second": r.token_objects, "ratio": rate / r.token_objects,
-            "session_copies_per_second": r.session_copies,
-            "ratio_to_session_copies": rate / r.session_copies})),
+            "signatures_per_second": r.token_objects(), "ratio": rate / r.token_objects(),
+            "before_after": r.token_objects,
+            "session_copies_per_second": r.session_copies(),
+            "session_copies_before_after": r.session_copies,
+            "ratio_to_session_copies": rate / r.session_copies()})),
         "daemon_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
     });
     if args.json {
@@ -359,15 +414,19 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         );
         if let Some(r) = &raw {
             println!(
-                "raw SoftHSM: {:.0} signatures/s with {} threads; daemon/raw = {:.3}",
-                r.token_objects,
+                "raw SoftHSM: {:.0} signatures/s with {} threads (before {:.0}, after {:.0}); daemon/raw = {:.3}",
+                r.token_objects(),
                 r.threads,
-                rate / r.token_objects
+                r.token_objects[0],
+                r.token_objects[1],
+                rate / r.token_objects()
             );
             println!(
-                "raw SoftHSM on session copies: {:.0} signatures/s; daemon/raw = {:.3}",
-                r.session_copies,
-                rate / r.session_copies
+                "raw SoftHSM on session copies: {:.0} signatures/s (before {:.0}, after {:.0}); daemon/raw = {:.3}",
+                r.session_copies(),
+                r.session_copies[0],
+                r.session_copies[1],
+                rate / r.session_copies()
             );
         }
         if let Some(k) = rss_kib {
@@ -376,7 +435,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
     }
     let mut failed =
         !errors.is_empty() || stats.verify_failures.load(Ordering::Relaxed) > 0 || ok == 0;
-    if let (Some(floor), Some(r)) = (args.min_ratio, raw.map(|r| r.token_objects)) {
+    if let (Some(floor), Some(r)) = (args.min_ratio, raw.map(|r| r.token_objects())) {
         if rate / r < floor {
             eprintln!(
                 "error: daemon/raw ratio {:.3} is below the floor {floor} ({rate:.0}/s against {r:.0}/s raw)",
