@@ -250,17 +250,13 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         .collect();
     let run_id = format!("load-{:x}", rand::random::<u32>());
     let stats = Arc::new(Stats::default());
-    let raw_bench = if args.raw_hsm || args.min_ratio.is_some() {
-        Some(RawBench::open(&cfg)?)
+    let raw_before = if args.raw_hsm || args.min_ratio.is_some() {
+        let bench = RawBench::open(&cfg)?;
+        eprintln!("measuring the raw SoftHSM rate before the run…");
+        let before = bench.measure(args.raw_seconds)?;
+        Some((bench, before))
     } else {
         None
-    };
-    let raw_before = match &raw_bench {
-        Some(bench) => {
-            eprintln!("measuring the raw SoftHSM rate before the run…");
-            Some(bench.measure(args.raw_seconds)?)
-        }
-        None => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -339,8 +335,9 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         Ok::<_, String>(start.elapsed())
     })?;
 
-    let raw = match (raw_bench, raw_before) {
-        (Some(bench), Some(before)) => {
+    let raw = match raw_before {
+        Some((bench, before)) => {
+            eprintln!("measuring the raw SoftHSM rate after the run…");
             let after = bench.measure(args.raw_seconds)?;
             Some(RawRate {
                 threads: bench.threads,
@@ -348,7 +345,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 session_copies: [before.1, after.1],
             })
         }
-        _ => None,
+        None => None,
     };
     let mut lat = stats
         .latencies_us
