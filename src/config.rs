@@ -417,6 +417,10 @@ pub struct ServerConfig {
     /// Largest accepted request message (default 64 KiB).
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// Largest accepted `IssueBatchRequest` of the BulkIssuance service, all its items together
+    /// (default 1 MiB; a batch also holds at most 256 items).
+    #[serde(default = "default_max_batch")]
+    pub max_batch_bytes: usize,
     /// Requests one client may have in flight (default 256); more get RESOURCE_EXHAUSTED.
     #[serde(default = "default_in_flight")]
     pub max_in_flight_per_client: usize,
@@ -445,6 +449,9 @@ fn default_metrics() -> Option<std::net::SocketAddr> {
 }
 fn default_max_message() -> usize {
     64 * 1024
+}
+fn default_max_batch() -> usize {
+    1024 * 1024
 }
 fn default_in_flight() -> usize {
     256

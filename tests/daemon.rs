@@ -134,6 +134,92 @@ fn stream_with_mixed_items_answers_each() {
 }
 
 #[test]
+fn batches_answer_every_item_in_order_and_refuse_oversized_ones() {
+    let d = Daemon::start();
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        let mut c = pb::bulk_issuance_client::BulkIssuanceClient::new(ch);
+        let mut bad_result = d.dev.example("test");
+        bad_result["t"][0]["tr"] = json!("260373001");
+        let first = pb::IssueBatchRequest {
+            batch_id: "b-1".into(),
+            items: vec![
+                issue_request("vaccination", &d.dev.example("vaccination"), "b1-1"),
+                issue_request("test", &bad_result, "b1-2"),
+                issue_request("recovery", &d.dev.example("recovery"), "b1-3"),
+                pb::IssueRequest {
+                    request_id: "b1-4".into(),
+                    r#type: 0,
+                    payload: None,
+                    want_qr: 0,
+                },
+            ],
+        };
+        // 257 items: one more than a batch may hold.
+        let oversized = pb::IssueBatchRequest {
+            batch_id: "b-2".into(),
+            items: (0..257)
+                .map(|i| issue_request("test", &d.dev.example("test"), &format!("b2-{i}")))
+                .collect(),
+        };
+        let empty = pb::IssueBatchRequest {
+            batch_id: "b-3".into(),
+            items: vec![],
+        };
+        let mut resp = c
+            .issue_batches(tokio_stream::iter(vec![first, oversized, empty]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = std::collections::HashMap::new();
+        while let Some(b) = resp.message().await.unwrap() {
+            got.insert(b.batch_id.clone(), b.results);
+        }
+        assert_eq!(got.len(), 3, "one answer per batch: {:?}", got.keys());
+
+        // Results follow the items' order, each with its request id.
+        let b1 = &got["b-1"];
+        let ids: Vec<_> = b1.iter().map(|r| r.request_id.as_str()).collect();
+        assert_eq!(ids, ["b1-1", "b1-2", "b1-3", "b1-4"]);
+        use pb::issue_stream_response::Result as R;
+        for (i, t) in [(0, "vaccination"), (2, "recovery")] {
+            match &b1[i].result {
+                Some(R::Ok(r)) => verify_both(&d.dev, t, &r.hc1),
+                other => panic!("item {i}: {other:?}"),
+            }
+        }
+        match &b1[1].result {
+            Some(R::Error(e)) => {
+                assert_eq!(e.violations[0].field, "t[0].tr");
+                assert_eq!(e.violations[0].rule, "test-result-not-negative");
+            }
+            other => panic!("b1-2 should fail: {other:?}"),
+        }
+        match &b1[3].result {
+            Some(R::Error(e)) => assert_eq!(e.code, "2-60-1001-40"),
+            other => panic!("b1-4 should fail: {other:?}"),
+        }
+
+        // The oversized batch: every item refused with the batch rule, nothing signed.
+        let b2 = &got["b-2"];
+        assert_eq!(b2.len(), 257);
+        for (i, r) in b2.iter().enumerate() {
+            assert_eq!(r.request_id, format!("b2-{i}"));
+            match &r.result {
+                Some(R::Error(e)) => {
+                    assert_eq!(e.code, "2-60-1001-43");
+                    assert_eq!(e.violations[0].field, "items");
+                    assert_eq!(e.violations[0].rule, "batch-size");
+                }
+                other => panic!("b2-{i} should be refused: {other:?}"),
+            }
+        }
+        assert!(got["b-3"].is_empty());
+    });
+    assert_eq!(d.dev.ledger_counts(), (0, 2));
+}
+
+#[test]
 fn errors_carry_status_code_field_and_stable_code() {
     let d = Daemon::start();
     rt().block_on(async {
@@ -328,6 +414,18 @@ fn health_reports_serving_after_the_canary() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(serving, "never SERVING:\n{}", d.log());
+        // The bulk service follows the same canary.
+        let bulk = h
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "dccsign.v1.BulkIssuance".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            bulk.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     });
 }
 
@@ -754,9 +852,11 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
 #[test]
 fn the_load_generator_reports_verified_throughput() {
     let d = Daemon::start();
-    for mode in ["unary", "stream"] {
+    for mode in ["unary", "stream", "batch"] {
         let out = d.dev.run(&[
             "load",
+            "--batch",
+            "4",
             "--state-dir",
             d.dev.path().to_str().unwrap(),
             "--addr",

@@ -23,6 +23,8 @@ pub mod codes {
     pub const PAYLOAD_REQUIRED: &str = "2-60-1001-41";
     /// `request_id` is too long or has characters outside `A-Z a-z 0-9 - _ . :`.
     pub const REQUEST_ID_INVALID: &str = "2-60-1001-42";
+    /// An `IssueBatchRequest` holds more items than allowed.
+    pub const BATCH_TOO_LARGE: &str = "2-60-1001-43";
     /// Service-side limit reached.
     pub const OVERLOADED: &str = "2-60-5005";
 }

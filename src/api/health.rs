@@ -10,8 +10,9 @@ use tonic_health::ServingStatus;
 use crate::hsm::Token;
 use crate::issuance::Issuer;
 
-/// The service name reported besides the overall status ("").
-pub const ISSUANCE_SERVICE: &str = "dccsign.v1.Issuance";
+/// The service names reported besides the overall status (""): both sign through the canary's
+/// HSM and ledger.
+pub const ISSUANCE_SERVICES: [&str; 2] = ["dccsign.v1.BulkIssuance", "dccsign.v1.Issuance"];
 
 /// Runs the canary every `interval` and reports the result. After an HSM failure the keys are
 /// looked up again (a reloaded token hands out new object handles) before the next check.
@@ -43,7 +44,9 @@ pub async fn run(
             ServingStatus::NotServing
         };
         reporter.set_service_status("", status).await;
-        reporter.set_service_status(ISSUANCE_SERVICE, status).await;
+        for name in ISSUANCE_SERVICES {
+            reporter.set_service_status(name, status).await;
+        }
         metrics::gauge!("dccsign_healthy").set(if ok { 1.0 } else { 0.0 });
         if last != Some(ok) {
             match &result {

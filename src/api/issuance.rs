@@ -37,6 +37,23 @@ impl std::fmt::Debug for IssuanceService {
 /// How many items of one stream are signed concurrently.
 const STREAM_CONCURRENCY: usize = 64;
 
+/// Most items in one `IssueBatchRequest`.
+pub const MAX_BATCH_ITEMS: usize = 256;
+
+/// How many items of one `IssueBatches` stream are signed concurrently (several batches).
+const BATCH_STREAM_CONCURRENCY: usize = 512;
+
+/// The next message of a client's stream; `None` at its end or on a client error (logged).
+async fn next_message<T>(inbound: &mut Streaming<T>, caller: &Caller) -> Option<T> {
+    match inbound.message().await {
+        Ok(item) => item,
+        Err(e) => {
+            tracing::info!(client = %caller.identity, error = %e, "stream ended by client error");
+            None
+        }
+    }
+}
+
 fn new_request_id() -> String {
     let mut b = [0u8; 12];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
@@ -100,26 +117,33 @@ pub(super) fn spawn_issue(
     issuer: Arc<Issuer>,
     t: CertType,
     body: Body,
-    (client, rid, prefix): (String, String, String),
+    who: (String, String, String),
     replaces: Option<i64>,
 ) -> tokio::task::JoinHandle<Result<Issued, IssueError>> {
-    tokio::spawn(async move {
-        let now = time::OffsetDateTime::now_utc();
-        let ctx = RequestContext {
-            client: &client,
-            request_id: &rid,
-            uvci_prefix: &prefix,
-            replaces,
-        };
-        match &body {
-            Body::Json(j) => {
-                issuer
-                    .issue_for_async(t, Payload::Json(j.as_bytes()), now, ctx)
-                    .await
-            }
-            Body::Cbor(c) => issuer.issue_for_async(t, Payload::Cbor(c), now, ctx).await,
-        }
-    })
+    tokio::spawn(async move { run_issue(&issuer, t, &body, &who, replaces).await })
+}
+
+/// The pipeline for one request, in the caller's task: only for callers that are themselves a
+/// task no client can cancel (see [`spawn_issue`]).
+async fn run_issue(
+    issuer: &Issuer,
+    t: CertType,
+    body: &Body,
+    (client, rid, prefix): &(String, String, String),
+    replaces: Option<i64>,
+) -> Result<Issued, IssueError> {
+    let now = time::OffsetDateTime::now_utc();
+    let ctx = RequestContext {
+        client,
+        request_id: rid,
+        uvci_prefix: prefix,
+        replaces,
+    };
+    let payload = match body {
+        Body::Json(j) => Payload::Json(j.as_bytes()),
+        Body::Cbor(c) => Payload::Cbor(c),
+    };
+    issuer.issue_for_async(t, payload, now, ctx).await
 }
 
 /// A checked request, ready to sign.
@@ -203,7 +227,8 @@ impl IssuanceService {
         }
     }
 
-    /// Signs one prepared request; logs and counts the outcome.
+    /// Signs one prepared request in the caller's task; logs and counts the outcome. The
+    /// caller is a task of its own (see [`spawn_issue`] for why).
     async fn sign(
         &self,
         caller: &Caller,
@@ -213,22 +238,7 @@ impl IssuanceService {
         let prefix = uvci_prefix(caller, &self.issuer);
         let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
         let who = (caller.identity.clone(), p.rid, prefix);
-        let task = spawn_issue(self.issuer.clone(), t, p.body, who, None);
-        let result = task.await.map_err(|e| {
-            let d = pb::ErrorDetail {
-                code: "2-60-5000".into(),
-                request_id: rid.clone(),
-                violations: vec![],
-            };
-            (
-                error::status(
-                    tonic::Code::Internal,
-                    &format!("signing task failed: {e}"),
-                    &d,
-                ),
-                d,
-            )
-        })?;
+        let result = run_issue(&self.issuer, t, &p.body, &who, None).await;
         let elapsed = started.elapsed().as_secs_f64();
         metrics::histogram!("dccsign_request_seconds", "type" => t.as_str()).record(elapsed);
         match result {
@@ -246,14 +256,7 @@ impl IssuanceService {
                         .await
                         .unwrap_or_else(|e| Err(Status::internal(format!("QR rendering: {e}"))))
                 };
-                built.map_err(|s| {
-                    let d = pb::ErrorDetail {
-                        code: "2-60-5000".into(),
-                        request_id: rid,
-                        violations: vec![],
-                    };
-                    (s, d)
-                })
+                built.map_err(|s| (s, internal_detail(rid)))
             }
             Err(e) => {
                 let d = error::detail(&e, &rid);
@@ -265,6 +268,76 @@ impl IssuanceService {
             }
         }
     }
+
+    /// One item of a stream or a batch, checked, admitted and signed in the caller's task (a
+    /// task of its own); `over` when the stream has carried more items than allowed.
+    async fn item(
+        &self,
+        caller: &Caller,
+        item: pb::IssueRequest,
+        over: bool,
+    ) -> pb::IssueStreamResponse {
+        let given = item.request_id.clone();
+        let out = if over {
+            let s = error::resource_exhausted("the stream carried more items than allowed", &given);
+            Err(status_detail(&s, &given))
+        } else {
+            match prepare(caller, item) {
+                Err(s) => Err(status_detail(&s, &given)),
+                Ok(p) => match self.limits.admit(&caller.identity, &p.rid) {
+                    Err(s) => Err(status_detail(&s, &p.rid)),
+                    Ok(_permit) => self.sign(caller, p).await.map_err(|(_, d)| d),
+                },
+            }
+        };
+        match out {
+            Ok(ok) => pb::IssueStreamResponse {
+                request_id: ok.request_id.clone(),
+                result: Some(pb::issue_stream_response::Result::Ok(ok)),
+            },
+            Err(d) => pb::IssueStreamResponse {
+                request_id: if d.request_id.is_empty() {
+                    given
+                } else {
+                    d.request_id.clone()
+                },
+                result: Some(pb::issue_stream_response::Result::Error(d)),
+            },
+        }
+    }
+}
+
+/// The detail of an internal error.
+fn internal_detail(request_id: String) -> pb::ErrorDetail {
+    pb::ErrorDetail {
+        code: "2-60-5000".into(),
+        request_id,
+        violations: vec![],
+    }
+}
+
+/// An oversized batch: every item gets the same error and nothing is signed.
+fn batch_too_large(items: &[pb::IssueRequest]) -> Vec<pb::IssueStreamResponse> {
+    let message = format!("a batch holds at most {MAX_BATCH_ITEMS} items");
+    items
+        .iter()
+        .map(|item| {
+            let s = error::bad_request(
+                "items",
+                codes::BATCH_TOO_LARGE,
+                "batch-size",
+                &message,
+                &item.request_id,
+            );
+            pb::IssueStreamResponse {
+                request_id: item.request_id.clone(),
+                result: Some(pb::issue_stream_response::Result::Error(status_detail(
+                    &s,
+                    &item.request_id,
+                ))),
+            }
+        })
+        .collect()
 }
 
 fn status_detail(s: &Status, rid: &str) -> pb::ErrorDetail {
@@ -273,14 +346,10 @@ fn status_detail(s: &Status, rid: &str) -> pb::ErrorDetail {
         .get_bin("dccsign-error-bin")
         .and_then(|v| v.to_bytes().ok())
         .and_then(|b| pb::ErrorDetail::decode(b.as_ref()).ok())
-        .unwrap_or_else(|| pb::ErrorDetail {
-            code: "2-60-5000".into(),
-            request_id: rid.into(),
-            violations: vec![],
-        })
+        .unwrap_or_else(|| internal_detail(rid.into()))
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::IssueStreamResponse, Status>> + Send>>;
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::issuance_server::Issuance for IssuanceService {
@@ -295,13 +364,23 @@ impl pb::issuance_server::Issuance for IssuanceService {
                 .increment(1);
         })?;
         let _permit = self.limits.admit(&caller.identity, &p.rid)?;
-        self.sign(&caller, p)
+        let rid = p.rid.clone();
+        let svc = self.clone();
+        tokio::spawn(async move { svc.sign(&caller, p).await })
             .await
+            .map_err(|e| {
+                let d = internal_detail(rid);
+                error::status(
+                    tonic::Code::Internal,
+                    &format!("signing task failed: {e}"),
+                    &d,
+                )
+            })?
             .map(Response::new)
             .map_err(|(s, _)| s)
     }
 
-    type IssueStreamStream = ResponseStream;
+    type IssueStreamStream = ResponseStream<pb::IssueStreamResponse>;
 
     async fn issue_stream(
         &self,
@@ -316,15 +395,7 @@ impl pb::issuance_server::Issuance for IssuanceService {
         tokio::spawn(async move {
             let gate = Arc::new(tokio::sync::Semaphore::new(STREAM_CONCURRENCY));
             let mut count: u64 = 0;
-            loop {
-                let item = match inbound.message().await {
-                    Ok(Some(item)) => item,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(client = %caller.identity, error = %e, "stream ended by client error");
-                        break;
-                    }
-                };
+            while let Some(item) = next_message(&mut inbound, &caller).await {
                 count += 1;
                 let Ok(slot) = gate.clone().acquire_owned().await else {
                     break;
@@ -333,37 +404,7 @@ impl pb::issuance_server::Issuance for IssuanceService {
                 let over = count > svc.max_stream_items;
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let given = item.request_id.clone();
-                    let out = if over {
-                        let s = error::resource_exhausted(
-                            "the stream carried more items than allowed",
-                            &given,
-                        );
-                        Err(status_detail(&s, &given))
-                    } else {
-                        match prepare(&caller, item) {
-                            Err(s) => Err(status_detail(&s, &given)),
-                            Ok(p) => match svc.limits.admit(&caller.identity, &p.rid) {
-                                Err(s) => Err(status_detail(&s, &p.rid)),
-                                Ok(_permit) => svc.sign(&caller, p).await.map_err(|(_, d)| d),
-                            },
-                        }
-                    };
-                    let msg = match out {
-                        Ok(ok) => pb::IssueStreamResponse {
-                            request_id: ok.request_id.clone(),
-                            result: Some(pb::issue_stream_response::Result::Ok(ok)),
-                        },
-                        Err(d) => pb::IssueStreamResponse {
-                            request_id: if d.request_id.is_empty() {
-                                given
-                            } else {
-                                d.request_id.clone()
-                            },
-                            result: Some(pb::issue_stream_response::Result::Error(d)),
-                        },
-                    };
-                    let _ = tx.send(Ok(msg)).await;
+                    let _ = tx.send(Ok(svc.item(&caller, item, over).await)).await;
                 });
                 if over {
                     break;
@@ -395,5 +436,67 @@ impl pb::issuance_server::Issuance for IssuanceService {
             })
             .collect();
         Ok(Response::new(pb::GetSigningInfoResponse { signers }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::bulk_issuance_server::BulkIssuance for IssuanceService {
+    type IssueBatchesStream = ResponseStream<pb::IssueBatchResponse>;
+
+    async fn issue_batches(
+        &self,
+        req: Request<Streaming<pb::IssueBatchRequest>>,
+    ) -> Result<Response<Self::IssueBatchesStream>, Status> {
+        let caller = self.authz.authorize(&req, Service::Issuance, "")?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::IssueBatchResponse, Status>>(
+            BATCH_STREAM_CONCURRENCY / MAX_BATCH_ITEMS * 4,
+        );
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let gate = Arc::new(tokio::sync::Semaphore::new(BATCH_STREAM_CONCURRENCY));
+            let mut count: u64 = 0;
+            while let Some(batch) = next_message(&mut inbound, &caller).await {
+                let pb::IssueBatchRequest { batch_id, items } = batch;
+                if items.len() > MAX_BATCH_ITEMS {
+                    let results = batch_too_large(&items);
+                    let _ = tx
+                        .send(Ok(pb::IssueBatchResponse { batch_id, results }))
+                        .await;
+                    continue;
+                }
+                // Room for every item of the batch (at most MAX_BATCH_ITEMS of the gate's).
+                let Ok(slots) = gate.clone().acquire_many_owned(items.len() as u32).await else {
+                    break;
+                };
+                let first = count;
+                count += items.len() as u64;
+                let (svc, caller, tx) = (svc.clone(), caller.clone(), tx.clone());
+                let over = count > svc.max_stream_items;
+                tokio::spawn(async move {
+                    let _slots = slots;
+                    let max = svc.max_stream_items;
+                    // The items run concurrently in this one task: no task per item.
+                    let results = futures_util::future::join_all(
+                        items
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, item)| svc.item(&caller, item, first + i as u64 >= max)),
+                    )
+                    .await;
+                    let _ = tx
+                        .send(Ok(pb::IssueBatchResponse { batch_id, results }))
+                        .await;
+                });
+                if over {
+                    break;
+                }
+            }
+            // Wait for the batches in progress before the response stream ends.
+            let _ = gate.acquire_many(BATCH_STREAM_CONCURRENCY as u32).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -124,12 +124,11 @@ pub async fn serve(
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    reporter
-        .set_service_status(
-            health::ISSUANCE_SERVICE,
-            tonic_health::ServingStatus::NotServing,
-        )
-        .await;
+    for name in health::ISSUANCE_SERVICES {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
     tokio::spawn(health::run(
         issuer.clone(),
         token.clone(),
@@ -243,6 +242,8 @@ pub async fn serve(
         )),
         server_cfg.max_stream_items,
     );
+    let bulk = pb::bulk_issuance_server::BulkIssuanceServer::new(service.clone())
+        .max_decoding_message_size(server_cfg.max_batch_bytes);
     let issuance = pb::issuance_server::IssuanceServer::new(service)
         .max_decoding_message_size(server_cfg.max_message_bytes);
 
@@ -261,6 +262,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(issuance)
+        .add_service(bulk)
         .add_service(keys)
         .add_service(revocation_service)
         .serve_with_incoming_shutdown(incoming, {

@@ -25,9 +25,14 @@ pub struct LoadArgs {
     /// Server address; default from the config.
     #[arg(long)]
     addr: Option<String>,
-    /// `unary` (one RPC per certificate) or `stream` (IssueStream per connection).
+    /// `unary` (one RPC per certificate), `stream` (IssueStream per connection) or `batch`
+    /// (IssueBatches per connection, `--batch` certificates per message).
     #[arg(long, default_value = "unary")]
     mode: Mode,
+    /// Certificates per message in `batch` mode (1-256); `--concurrency` counts certificates,
+    /// so concurrency / batch messages are in flight per connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    batch: u64,
     /// TCP/TLS connections.
     #[arg(long, default_value_t = 2)]
     connections: usize,
@@ -65,6 +70,7 @@ pub struct LoadArgs {
 enum Mode {
     Unary,
     Stream,
+    Batch,
 }
 
 #[derive(Default)]
@@ -319,11 +325,12 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 run: run_id.clone(),
                 verify_every: args.verify_every,
             };
-            let mode = args.mode;
+            let (mode, batch) = (args.mode, args.batch as usize);
             tasks.push(tokio::spawn(async move {
                 match mode {
                     Mode::Unary => unary(w, per_conn_rate).await,
                     Mode::Stream => stream(w).await,
+                    Mode::Batch => batches(w, batch).await,
                 }
             }));
         }
@@ -364,6 +371,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
     let summary = json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "connections": args.connections, "concurrency": args.concurrency,
+        "batch": (args.mode == Mode::Batch).then_some(args.batch),
         "target_rate": args.rate, "seconds": elapsed.as_secs_f64(),
         "ok": ok, "certificates_per_second": rate,
         "latency_ms": {"p50": percentile(&lat, 0.50), "p90": percentile(&lat, 0.90),
@@ -598,21 +606,102 @@ async fn stream(w: Worker) {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&m.request_id);
         gate.add_permits(1);
-        match m.result {
-            Some(pb::issue_stream_response::Result::Ok(r)) => {
-                if let Some((t0, n)) = entry {
-                    let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    stats
-                        .latencies_us
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(us);
-                    check(&stats, &trust, &r, n, verify_every);
-                }
-                stats.ok.fetch_add(1, Ordering::Relaxed);
+        record(&stats, &trust, m, entry, verify_every);
+    }
+    let _ = sender.await;
+}
+
+/// Records one answered item: its latency from `t0`, a sampled verification, the outcome.
+fn record(
+    stats: &Stats,
+    trust: &dccsign::cose::TrustStore,
+    m: pb::IssueStreamResponse,
+    t0: Option<(Instant, u64)>,
+    every: u64,
+) {
+    match m.result {
+        Some(pb::issue_stream_response::Result::Ok(r)) => {
+            if let Some((t0, n)) = t0 {
+                let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                stats
+                    .latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(us);
+                check(stats, trust, &r, n, every);
             }
-            Some(pb::issue_stream_response::Result::Error(e)) => stats.error(e.code),
-            None => stats.error("empty".into()),
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(pb::issue_stream_response::Result::Error(e)) => stats.error(e.code),
+        None => stats.error("empty".into()),
+    }
+}
+
+/// `batch` mode: IssueBatches with `size` certificates per message and `in_flight`
+/// certificates (rounded up to whole batches) in flight.
+async fn batches(w: Worker, size: usize) {
+    let Worker {
+        ch,
+        in_flight: k,
+        deadline,
+        stats,
+        trust,
+        counter,
+        payloads,
+        run,
+        verify_every,
+    } = w;
+    let size = size.max(1);
+    let gate = Arc::new(tokio::sync::Semaphore::new(k.div_ceil(size)));
+    type Sent = std::collections::HashMap<String, (Instant, u64)>;
+    let started: Arc<Mutex<Sent>> = Arc::default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueBatchRequest>(k.div_ceil(size));
+    let sender = {
+        let (gate, started) = (gate.clone(), started.clone());
+        tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let Ok(p) = gate.acquire().await else { break };
+                p.forget();
+                let first = counter.fetch_add(size as u64, Ordering::Relaxed);
+                let items = (first..first + size as u64)
+                    .map(|n| request(n, &run, &payloads))
+                    .collect();
+                let batch_id = format!("{run}-b{first}");
+                started
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(batch_id.clone(), (Instant::now(), first));
+                if tx
+                    .send(pb::IssueBatchRequest { batch_id, items })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    let mut client = pb::bulk_issuance_client::BulkIssuanceClient::new(ch);
+    let Ok(resp) = client
+        .issue_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        stats.error("stream-open".into());
+        return;
+    };
+    let mut resp = resp.into_inner();
+    while let Ok(Some(b)) = resp.message().await {
+        let entry = started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&b.batch_id);
+        gate.add_permits(1);
+        if b.results.len() != size {
+            stats.error("batch-size-mismatch".into());
+        }
+        for (i, m) in b.results.into_iter().enumerate() {
+            let t0 = entry.map(|(t0, first)| (t0, first + i as u64));
+            record(&stats, &trust, m, t0, verify_every);
         }
     }
     let _ = sender.await;

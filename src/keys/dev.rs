@@ -508,6 +508,7 @@ key = "pki/tls/server.key"
 # Client certificates must chain to this CA; the identity is their URI (or DNS) SAN.
 client_ca = "pki/tls/ca.pem"
 max_message_bytes = 65536
+max_batch_bytes = 1048576
 max_in_flight_per_client = 256
 rate_per_second = 20000
 rate_burst = 40000
