@@ -396,36 +396,13 @@ fn mtls_and_authorization_refusals() {
 fn health_reports_serving_after_the_canary() {
     let d = Daemon::start();
     rt().block_on(async {
+        use tonic_health::pb::health_check_response::ServingStatus;
         let ch = d.channel("issuer-all").await.unwrap();
-        let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-        let mut serving = false;
-        for _ in 0..50 {
-            let r = h
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: "dccsign.v1.Issuance".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                serving = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(serving, "never SERVING:\n{}", d.log());
+        let up = wait_for_health(&ch, ServingStatus::Serving).await;
+        assert!(up, "never SERVING:\n{}", d.log());
         // The bulk service follows the same canary.
-        let bulk = h
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "dccsign.v1.BulkIssuance".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            bulk.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        let bulk = health_status(&ch, "dccsign.v1.BulkIssuance").await;
+        assert_eq!(bulk, ServingStatus::Serving as i32);
     });
 }
 
@@ -620,10 +597,10 @@ fn idempotent_request_ids_survive_a_restart() {
     assert_eq!(d.dev.ledger_counts(), (0, 2));
 }
 
-async fn health_status(ch: &tonic::transport::Channel) -> i32 {
+async fn health_status(ch: &tonic::transport::Channel, service: &str) -> i32 {
     let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     h.check(tonic_health::pb::HealthCheckRequest {
-        service: "dccsign.v1.Issuance".into(),
+        service: service.into(),
     })
     .await
     .map(|r| r.into_inner().status)
@@ -635,7 +612,7 @@ async fn wait_for_health(
     want: tonic_health::pb::health_check_response::ServingStatus,
 ) -> bool {
     for _ in 0..150 {
-        if health_status(ch).await == want as i32 {
+        if health_status(ch, "dccsign.v1.Issuance").await == want as i32 {
             return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -559,56 +559,73 @@ async fn unary(w: Worker, rate: Option<f64>) {
 }
 
 async fn stream(w: Worker) {
-    let Worker {
-        ch,
-        in_flight: k,
-        deadline,
-        stats,
-        trust,
-        counter,
-        payloads,
-        run,
-        verify_every,
-    } = w;
+    let k = w.in_flight;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
-    let started: Arc<Mutex<std::collections::HashMap<String, (Instant, u64)>>> = Arc::default();
+    let started = Started::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueRequest>(k);
-    let sender = {
-        let (gate, started) = (gate.clone(), started.clone());
-        tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let Ok(p) = gate.acquire().await else { break };
-                p.forget();
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let req = request(n, &run, &payloads);
-                started
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(req.request_id.clone(), (Instant::now(), n));
-                if tx.send(req).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
-    let mut client = dccsign::api::client::issuance(ch);
+    let sender = spawn_sender(&w, 1, gate.clone(), started.clone(), tx, |_, mut items| {
+        let r = items.pop().unwrap_or_default();
+        (r.request_id.clone(), r)
+    });
+    let mut client = dccsign::api::client::issuance(w.ch.clone());
     let Ok(resp) = client
         .issue_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
     else {
-        stats.error("stream-open".into());
+        w.stats.error("stream-open".into());
         return;
     };
     let mut resp = resp.into_inner();
     while let Ok(Some(m)) = resp.message().await {
-        let entry = started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&m.request_id);
+        let entry = sent(&started, &m.request_id);
         gate.add_permits(1);
-        record(&stats, &trust, m, entry, verify_every);
+        record(&w.stats, &w.trust, m, entry, w.verify_every);
     }
     let _ = sender.await;
+}
+
+/// When each message in flight was sent, by key (request id or batch id), with the number of
+/// its first request.
+type Started = Arc<Mutex<std::collections::HashMap<String, (Instant, u64)>>>;
+
+/// Takes the record of an answered message.
+fn sent(started: &Started, key: &str) -> Option<(Instant, u64)> {
+    started
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(key)
+}
+
+/// The sending half of `stream` and `batches`: until the deadline, one message per permit of
+/// `gate`, of `size` consecutive requests that `wrap` turns into the message and its key.
+fn spawn_sender<M: Send + 'static>(
+    w: &Worker,
+    size: usize,
+    gate: Arc<tokio::sync::Semaphore>,
+    started: Started,
+    tx: tokio::sync::mpsc::Sender<M>,
+    wrap: impl Fn(u64, Vec<pb::IssueRequest>) -> (String, M) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (deadline, counter) = (w.deadline, w.counter.clone());
+    let (payloads, run) = (w.payloads.clone(), w.run.clone());
+    tokio::spawn(async move {
+        while Instant::now() < deadline {
+            let Ok(p) = gate.acquire().await else { break };
+            p.forget();
+            let first = counter.fetch_add(size as u64, Ordering::Relaxed);
+            let items = (first..first + size as u64)
+                .map(|n| request(n, &run, &payloads))
+                .collect();
+            let (key, msg) = wrap(first, items);
+            started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, (Instant::now(), first));
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// Records one answered item: its latency from `t0`, a sampled verification, the outcome.
@@ -640,47 +657,30 @@ fn record(
 /// `batch` mode: IssueBatches with `size` certificates per message and `in_flight`
 /// certificates (rounded up to whole batches) in flight.
 async fn batches(w: Worker, size: usize) {
+    let size = size.max(1);
+    let k = w.in_flight.div_ceil(size);
+    let gate = Arc::new(tokio::sync::Semaphore::new(k));
+    let started = Started::default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueBatchRequest>(k);
+    let run = w.run.clone();
+    let sender = spawn_sender(
+        &w,
+        size,
+        gate.clone(),
+        started.clone(),
+        tx,
+        move |first, items| {
+            let batch_id = format!("{run}-b{first}");
+            (batch_id.clone(), pb::IssueBatchRequest { batch_id, items })
+        },
+    );
     let Worker {
         ch,
-        in_flight: k,
-        deadline,
         stats,
         trust,
-        counter,
-        payloads,
-        run,
         verify_every,
+        ..
     } = w;
-    let size = size.max(1);
-    let gate = Arc::new(tokio::sync::Semaphore::new(k.div_ceil(size)));
-    type Sent = std::collections::HashMap<String, (Instant, u64)>;
-    let started: Arc<Mutex<Sent>> = Arc::default();
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueBatchRequest>(k.div_ceil(size));
-    let sender = {
-        let (gate, started) = (gate.clone(), started.clone());
-        tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let Ok(p) = gate.acquire().await else { break };
-                p.forget();
-                let first = counter.fetch_add(size as u64, Ordering::Relaxed);
-                let items = (first..first + size as u64)
-                    .map(|n| request(n, &run, &payloads))
-                    .collect();
-                let batch_id = format!("{run}-b{first}");
-                started
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(batch_id.clone(), (Instant::now(), first));
-                if tx
-                    .send(pb::IssueBatchRequest { batch_id, items })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        })
-    };
     let mut client = pb::bulk_issuance_client::BulkIssuanceClient::new(ch);
     let Ok(resp) = client
         .issue_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -691,10 +691,7 @@ async fn batches(w: Worker, size: usize) {
     };
     let mut resp = resp.into_inner();
     while let Ok(Some(b)) = resp.message().await {
-        let entry = started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&b.batch_id);
+        let entry = sent(&started, &b.batch_id);
         gate.add_permits(1);
         if b.results.len() != size {
             stats.error("batch-size-mismatch".into());
