@@ -83,6 +83,16 @@ struct Stats {
 }
 
 impl Stats {
+    /// A signed certificate whose request started at `t0`.
+    fn success(&self, t0: Instant) {
+        let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        self.latencies_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(us);
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn error(&self, code: String) {
         *self
             .errors
@@ -542,13 +552,7 @@ async fn unary(w: Worker, rate: Option<f64>) {
             let _permit = permit;
             match c.issue(req).await {
                 Ok(r) => {
-                    let us = scheduled.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    stats
-                        .latencies_us
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(us);
-                    stats.ok.fetch_add(1, Ordering::Relaxed);
+                    stats.success(scheduled);
                     check(&stats, &trust, &r.into_inner(), n, verify_every);
                 }
                 Err(s) => stats.error(code_of(&s)),
@@ -637,18 +641,15 @@ fn record(
     every: u64,
 ) {
     match m.result {
-        Some(pb::issue_stream_response::Result::Ok(r)) => {
-            if let Some((t0, n)) = t0 {
-                let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                stats
-                    .latencies_us
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(us);
+        Some(pb::issue_stream_response::Result::Ok(r)) => match t0 {
+            Some((t0, n)) => {
+                stats.success(t0);
                 check(stats, trust, &r, n, every);
             }
-            stats.ok.fetch_add(1, Ordering::Relaxed);
-        }
+            None => {
+                stats.ok.fetch_add(1, Ordering::Relaxed);
+            }
+        },
         Some(pb::issue_stream_response::Result::Error(e)) => stats.error(e.code),
         None => stats.error("empty".into()),
     }
