@@ -208,6 +208,7 @@ fn batches_answer_every_item_in_order_and_refuse_oversized_ones() {
             match &r.result {
                 Some(R::Error(e)) => {
                     assert_eq!(e.code, "2-60-1001-43");
+                    assert_eq!(e.request_id, format!("b2-{i}"));
                     assert_eq!(e.violations[0].field, "items");
                     assert_eq!(e.violations[0].rule, "batch-size");
                 }

@@ -316,26 +316,19 @@ fn internal_detail(request_id: String) -> pb::ErrorDetail {
     }
 }
 
-/// An oversized batch: every item gets the same error and nothing is signed.
+/// An oversized batch: every item gets the same error (built once) and nothing is signed.
 fn batch_too_large(items: &[pb::IssueRequest]) -> Vec<pb::IssueStreamResponse> {
     let message = format!("a batch holds at most {MAX_BATCH_ITEMS} items");
+    let s = error::bad_request("items", codes::BATCH_TOO_LARGE, "batch-size", &message, "");
+    let detail = status_detail(&s, "");
     items
         .iter()
-        .map(|item| {
-            let s = error::bad_request(
-                "items",
-                codes::BATCH_TOO_LARGE,
-                "batch-size",
-                &message,
-                &item.request_id,
-            );
-            pb::IssueStreamResponse {
+        .map(|item| pb::IssueStreamResponse {
+            request_id: item.request_id.clone(),
+            result: Some(pb::issue_stream_response::Result::Error(pb::ErrorDetail {
                 request_id: item.request_id.clone(),
-                result: Some(pb::issue_stream_response::Result::Error(status_detail(
-                    &s,
-                    &item.request_id,
-                ))),
-            }
+                ..detail.clone()
+            })),
         })
         .collect()
 }
