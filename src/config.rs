@@ -439,6 +439,28 @@ pub struct ServerConfig {
     /// Period of the health canary (an HSM signature and a ledger write check).
     #[serde(default = "default_health")]
     pub health_interval_seconds: u64,
+    /// Threads of the async runtime (TLS, HTTP/2, validation, encoding); 0 = automatic: half
+    /// the CPUs, at least one. The HSM workers and the ledger writer are threads of their own
+    /// outside it: with an in-process software token the HSM workers are busy computing, and
+    /// on 2 cores one async thread cost 5–20 µs less CPU per certificate than two, with a
+    /// lower p99 (docs/benchmarks.md, eighth session). With a network HSM whose calls mostly
+    /// wait, the CPU count is a sound value.
+    #[serde(default)]
+    pub async_workers: usize,
+}
+
+impl ServerConfig {
+    /// Threads of the async runtime: `async_workers`, or half the CPUs (at least one).
+    pub fn async_workers(&self) -> usize {
+        if self.async_workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1)
+        } else {
+            self.async_workers
+        }
+    }
 }
 
 fn default_listen() -> std::net::SocketAddr {

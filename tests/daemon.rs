@@ -907,3 +907,49 @@ fn the_load_generator_reports_verified_throughput() {
     let (_, signed) = d.dev.ledger_counts();
     assert!(signed > 0);
 }
+
+/// The `serving` log line's field `name` (e.g. `async_workers=1`).
+fn serving_field(log: &str, name: &str) -> Option<usize> {
+    let line = log.lines().find(|l| l.contains("serving"))?;
+    let rest = &line[line.find(&format!("{name}="))? + name.len() + 1..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn async_workers_sets_the_runtime_threads_beside_the_hsm_workers() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    // Automatic (the dev config's 0): half the CPUs, at least one; one HSM worker per CPU.
+    let mut d = Daemon::start();
+    let log = d.log();
+    // The log is a file here: plain text, no terminal colour codes.
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+    assert_eq!(
+        serving_field(&log, "async_workers"),
+        Some((cpus / 2).max(1)),
+        "{log}"
+    );
+    assert_eq!(serving_field(&log, "hsm_workers"), Some(cpus), "{log}");
+    assert!(d.terminate().success());
+    // Set: that many.
+    let mut d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace("async_workers = 0", "async_workers = 3");
+    });
+    let log = d.log();
+    assert_eq!(serving_field(&log, "async_workers"), Some(3), "{log}");
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        assert!(
+            wait_for_health(
+                &ch,
+                tonic_health::pb::health_check_response::ServingStatus::Serving
+            )
+            .await,
+            "{}",
+            d.log()
+        );
+    });
+    assert!(d.terminate().success());
+}

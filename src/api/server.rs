@@ -41,23 +41,26 @@ pub enum ServeError {
     Server(String),
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Registers for SIGTERM and SIGINT at once — so that a signal sent as soon as the daemon has
+/// reported ready is not lost to the default action (exit without draining) — and returns a
+/// future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        })
     }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// Runs the daemon with `cfg` until a shutdown signal; `on_ready` receives the bound gRPC
@@ -109,7 +112,8 @@ pub async fn serve(
     }
     let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
     token.set_session_copies(cfg.hsm.session_key_copies);
-    let pool = token.signing_pool(cfg.pool_size(), cfg.hsm.queue)?;
+    let cfg_pool_size = cfg.pool_size();
+    let pool = token.signing_pool(cfg_pool_size, cfg.hsm.queue)?;
     let token = Arc::new(token);
     let uvci_key = cfg.uvci_key(&token)?;
     let issuer = Arc::new(Issuer::new(
@@ -257,6 +261,8 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(server_cfg.shutdown_grace_seconds);
+    let signal =
+        shutdown_signal().map_err(|e| ServeError::Server(format!("signal handlers: {e}")))?;
     let server = Server::builder()
         .add_service(health_service)
         .add_service(reflection)
@@ -268,13 +274,18 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, {
             let stop_tx = stop_tx.clone();
             async move {
-                shutdown_signal().await;
+                signal.await;
                 tracing::info!("shutdown: no new connections; finishing requests in flight");
                 let _ = stop_tx.send(true);
             }
         });
+    tracing::info!(
+        listen = %local,
+        async_workers = tokio::runtime::Handle::current().metrics().num_workers(),
+        hsm_workers = cfg_pool_size,
+        "serving"
+    );
     on_ready(local);
-    tracing::info!(listen = %local, "serving");
     let mut stop_rx = stop_rx;
     tokio::select! {
         r = server => r.map_err(|e| ServeError::Server(e.to_string()))?,

@@ -26,10 +26,18 @@ pub struct ServeArgs {
     metrics_listen: Option<String>,
 }
 
-/// A multi-threaded tokio runtime for the client commands.
+/// A multi-threaded tokio runtime for the client commands (one thread per CPU).
 pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    runtime_with(None)
+}
+
+/// A multi-threaded tokio runtime with this many threads (`None`: one per CPU).
+fn runtime_with(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))
 }
@@ -82,7 +90,7 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         .as_ref()
         .map(|d| format!("--state-dir {}", d.display()))
         .unwrap_or_else(|| "--config …".into());
-    let rt = match runtime() {
+    let rt = match runtime_with(cfg.server.as_ref().map(|s| s.async_workers())) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

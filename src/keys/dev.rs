@@ -515,6 +515,9 @@ rate_burst = 40000
 max_stream_items = 1000000
 shutdown_grace_seconds = 10
 health_interval_seconds = 5
+# Threads of the async runtime (TLS, HTTP/2, validation); 0 = half the CPUs, at least one: the
+# HSM workers and the ledger writer run beside it on threads of their own.
+async_workers = 0
 
 # Who may call. Each gRPC service allows some roles only: Issuance = issuer.
 [[client]]
