@@ -112,8 +112,8 @@ pub async fn serve(
     }
     let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
     token.set_session_copies(cfg.hsm.session_key_copies);
-    let cfg_pool_size = cfg.pool_size();
-    let pool = token.signing_pool(cfg_pool_size, cfg.hsm.queue)?;
+    let hsm_workers = cfg.pool_size();
+    let pool = token.signing_pool(hsm_workers, cfg.hsm.queue)?;
     let token = Arc::new(token);
     let uvci_key = cfg.uvci_key(&token)?;
     let issuer = Arc::new(Issuer::new(
@@ -282,7 +282,7 @@ pub async fn serve(
     tracing::info!(
         listen = %local,
         async_workers = tokio::runtime::Handle::current().metrics().num_workers(),
-        hsm_workers = cfg_pool_size,
+        hsm_workers,
         "serving"
     );
     on_ready(local);
