@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use der::{Decode, DecodePem, Encode};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
 use rsa::pkcs8::DecodePublicKey;
 use time::OffsetDateTime;
 use x509_cert::ext::pkix::ExtendedKeyUsage;
@@ -18,7 +19,12 @@ const P256_OID: &str = "1.2.840.10045.3.1.7";
 #[derive(Debug, Clone)]
 pub enum PublicKey {
     /// ECDSA P-256 (ES256).
-    P256(p256::PublicKey),
+    P256 {
+        /// The point.
+        key: p256::PublicKey,
+        /// Its uncompressed SEC1 encoding (65 bytes), computed once: the verifier takes it.
+        sec1: Box<[u8]>,
+    },
     /// RSA (PS256).
     Rsa(Box<rsa::RsaPublicKey>),
 }
@@ -69,11 +75,10 @@ impl TrustedDsc {
                         "EC key is not on the named curve P-256".into(),
                     ));
                 }
-                PublicKey::P256(
-                    p256::PublicKey::from_sec1_bytes(spki.subject_public_key.raw_bytes()).map_err(
-                        |_| CoseError::Certificate("EC key is not a P-256 point".into()),
-                    )?,
-                )
+                let key = p256::PublicKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
+                    .map_err(|_| CoseError::Certificate("EC key is not a P-256 point".into()))?;
+                let sec1 = key.to_encoded_point(false).as_bytes().into();
+                PublicKey::P256 { key, sec1 }
             }
             "1.2.840.113549.1.1.1" | "1.2.840.113549.1.1.10" => {
                 let spki_der = spki.to_der().map_err(|e| cerr(&e))?;

@@ -43,7 +43,10 @@ impl Dsc {
             message,
         };
         let t = TrustedDsc::from_der(der).map_err(|e| perr(e.to_string()))?;
-        let PublicKey::P256(public_key) = t.public_key else {
+        let PublicKey::P256 {
+            key: public_key, ..
+        } = t.public_key
+        else {
             return Err(perr("the DSC key must be ECDSA P-256".into()));
         };
         Ok(Dsc {
