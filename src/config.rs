@@ -453,14 +453,18 @@ impl ServerConfig {
     /// Threads of the async runtime: `async_workers`, or half the CPUs (at least one).
     pub fn async_workers(&self) -> usize {
         if self.async_workers == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get() / 2)
-                .unwrap_or(1)
-                .max(1)
+            (cpus() / 2).max(1)
         } else {
             self.async_workers
         }
     }
+}
+
+/// CPUs this process may use (2 when unknown): the base of the automatic thread counts.
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -649,9 +653,7 @@ impl Config {
     /// Number of signing sessions to open.
     pub fn pool_size(&self) -> usize {
         if self.hsm.pool_size == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
+            cpus()
         } else {
             self.hsm.pool_size
         }
