@@ -13,6 +13,7 @@
 //!   of the request and, once signed, the signature — enough to rebuild the same bytes from the
 //!   re-sent payload, without storing the payload.
 
+mod checkpoint;
 mod sqlite;
 
 pub use sqlite::SqliteLedger;

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
+use super::checkpoint::{self, Checkpointer, Poker};
 use super::{
     CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, RequestKey,
     Reservation, ReservationId, StoredRequest, WriteReply, WriteResult,
@@ -130,6 +131,8 @@ pub struct SqliteLedger {
     /// Writes go to one writer thread, which commits them in groups.
     writer: Option<crossbeam_channel::Sender<WriteOp>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Copies the WAL into the database file beside the writer (dropped after it).
+    checkpointer: Option<Checkpointer>,
 }
 
 /// A write and where its result goes.
@@ -158,7 +161,13 @@ fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
 /// group applied again with one savepoint per write, so that a failing write rolls back alone
 /// and the others still commit. Nothing is answered before the commit, so the first attempt
 /// leaves no trace.
-fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
+///
+/// The writer never checkpoints on its own threshold (`wal_autocheckpoint = 0`): it pokes the
+/// checkpoint thread every [`checkpoint::COMMITS_PER_CHECKPOINT`] commits, and after that
+/// thread's checkpoint copies the few commits made meanwhile, so that its next transaction
+/// starts the WAL over (see `checkpoint.rs`).
+fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>, checkpoints: Poker) {
+    let mut commits = 0u32;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -181,6 +190,16 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>) {
                     .record(started.elapsed().as_secs_f64());
                 for (op, r) in group.into_iter().zip(results) {
                     (op.reply)(r);
+                }
+                commits += 1;
+                if commits >= checkpoint::COMMITS_PER_CHECKPOINT {
+                    commits = 0;
+                    checkpoints.poke();
+                }
+                if checkpoints.finished() {
+                    if let Err(e) = checkpoint::checkpoint(&conn, "PASSIVE") {
+                        tracing::warn!(error = %e, "ledger writer's catch-up checkpoint failed");
+                    }
                 }
             }
             Err(e) => {
@@ -393,6 +412,7 @@ impl Drop for SqliteLedger {
         if let Some(t) = self.writer_thread.take() {
             let _ = t.join();
         }
+        self.checkpointer.take();
     }
 }
 
@@ -419,6 +439,7 @@ impl SqliteLedger {
             conn: Mutex::new(open_conn(path)?),
             writer: None,
             writer_thread: None,
+            checkpointer: None,
         };
         ledger.migrate()?;
         let write_conn = open_conn(path)?;
@@ -426,13 +447,19 @@ impl SqliteLedger {
         // at random places, and with millions of rows its pages no longer fit the default cache
         // (10 million rows: 4 178 -> 4 757 certificates/s in stream mode).
         write_conn.pragma_update(None, "cache_size", -65536)?;
+        write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Checkpointer::start(open_conn(path)?).map_err(|e| {
+            LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
+        })?;
+        let poker = checkpointer.poker();
         let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer(write_conn, rx))
+            .spawn(move || writer(write_conn, rx, poker))
             .map_err(|e| LedgerError::Database(format!("cannot start the ledger writer: {e}")))?;
         ledger.writer = Some(tx);
         ledger.writer_thread = Some(handle);
+        ledger.checkpointer = Some(checkpointer);
         Ok(ledger)
     }
 
@@ -649,6 +676,41 @@ mod tests {
             }
         );
         l.check_writable().unwrap();
+    }
+
+    /// The writer turns SQLite's automatic checkpoint off; the checkpoint thread and the
+    /// writer's catch-up must still copy the WAL back and let it start over. Every commit
+    /// writes at least one frame of a page, so a WAL that never started over would be longer
+    /// than one page per commit.
+    #[test]
+    fn checkpoints_keep_the_wal_from_growing_with_the_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let l = SqliteLedger::open(&path).unwrap();
+        let commits: u32 = 20 * checkpoint::COMMITS_PER_CHECKPOINT;
+        for i in 0..commits {
+            let mut r = res(0);
+            r.uci_hash[..4].copy_from_slice(&i.to_be_bytes());
+            r.country_uci_hash[..4].copy_from_slice(&i.to_be_bytes());
+            l.reserve(&r, None).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("l.sqlite-wal"))
+            .unwrap()
+            .len();
+        let page = 4096 + 24;
+        assert!(
+            wal < u64::from(commits) * page / 4,
+            "WAL of {wal} bytes after {commits} commits"
+        );
+        // Everything committed is there, through the reader and after reopening.
+        let counts = LedgerCounts {
+            reserved: commits.into(),
+            signed: 0,
+        };
+        assert_eq!(l.counts().unwrap(), counts);
+        drop(l);
+        let l = SqliteLedger::open(&path).unwrap();
+        assert_eq!(l.counts().unwrap(), counts);
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The WAL checkpointer: copies committed pages from the write-ahead log into the database file
+//! on its own thread and connection.
+//!
+//! SQLite's automatic checkpoint runs inside the `COMMIT` that crosses its threshold, so with it
+//! the ledger writer stopped every ~40 group commits to copy ~1 000 pages and `fsync` the
+//! database file while every request in flight waited. Here the writer turns the automatic
+//! checkpoint off and pokes this thread every [`COMMITS_PER_CHECKPOINT`] commits (about as
+//! often as the automatic checkpoint ran, so a page rewritten by many commits is still copied
+//! once); this thread runs a `PASSIVE` checkpoint, which never blocks the writer.
+//!
+//! A checkpoint does not make anything durable: a commit is durable in the WAL when `COMMIT`
+//! returns (`synchronous=FULL`). What it bounds is the WAL's size. SQLite starts the WAL over
+//! only when a write transaction begins with every frame already copied, which a busy writer,
+//! committing again microseconds after its last commit, almost never finds. So when this thread
+//! has finished a checkpoint it raises a flag, and the writer, between two groups, runs one more
+//! `PASSIVE` checkpoint itself: it copies only the few commits made meanwhile, and the writer's
+//! next transaction starts the WAL over.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+
+/// Group commits between two background checkpoints (~1 000 WAL frames at the usual group
+/// sizes, SQLite's default threshold).
+pub(super) const COMMITS_PER_CHECKPOINT: u32 = 32;
+
+/// The checkpoint thread, poked by the writer.
+pub(super) struct Checkpointer {
+    poke: Option<crossbeam_channel::Sender<()>>,
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts the thread on `conn` (a connection of its own to the ledger file).
+    pub(super) fn start(conn: Connection) -> std::io::Result<Checkpointer> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || run(&conn, &rx, &flag))?;
+        Ok(Checkpointer {
+            poke: Some(tx),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// The writer's handle on the thread.
+    pub(super) fn poker(&self) -> Poker {
+        Poker {
+            poke: self.poke.clone(),
+            done: self.done.clone(),
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.poke.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writer's side of the checkpointer; never blocks.
+pub(super) struct Poker {
+    poke: Option<crossbeam_channel::Sender<()>>,
+    done: Arc<AtomicBool>,
+}
+
+impl Poker {
+    /// Asks for a checkpoint unless one is already asked for.
+    pub(super) fn poke(&self) {
+        if let Some(tx) = &self.poke {
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Whether a background checkpoint finished since the last call (then the writer copies
+    /// the rest, so that its next transaction starts the WAL over).
+    pub(super) fn finished(&self) -> bool {
+        self.done.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// The outcome of one `PRAGMA wal_checkpoint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Outcome {
+    /// Another checkpoint held the lock, or a reader kept this one from finishing.
+    pub busy: bool,
+    /// Frames in the WAL.
+    pub frames: i64,
+    /// Frames copied into the database file (by this or earlier checkpoints).
+    pub copied: i64,
+}
+
+/// Runs one checkpoint in `mode` (`PASSIVE`, `FULL`, `RESTART` or `TRUNCATE`).
+pub(super) fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<Outcome> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok(Outcome {
+            busy: r.get::<_, i64>(0)? != 0,
+            frames: r.get(1)?,
+            copied: r.get(2)?,
+        })
+    })
+}
+
+fn run(conn: &Connection, rx: &crossbeam_channel::Receiver<()>, done: &AtomicBool) {
+    let mut failing = false;
+    while rx.recv().is_ok() {
+        let started = std::time::Instant::now();
+        match checkpoint(conn, "PASSIVE") {
+            Ok(o) => {
+                metrics::histogram!("dccsign_ledger_checkpoint_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::gauge!("dccsign_ledger_wal_frames").set(o.frames as f64);
+                done.store(true, Ordering::Release);
+                if failing {
+                    tracing::warn!("ledger checkpoints work again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                // The WAL grows until a checkpoint works again; commits stay durable.
+                if !failing {
+                    tracing::error!(error = %e, "ledger checkpoint failed: the WAL file grows");
+                    failing = true;
+                }
+                metrics::counter!("dccsign_ledger_checkpoint_failures_total").increment(1);
+            }
+        }
+    }
+}
