@@ -88,37 +88,21 @@ impl Poker {
     }
 }
 
-/// The outcome of one `PRAGMA wal_checkpoint`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Outcome {
-    /// Another checkpoint held the lock, or a reader kept this one from finishing.
-    pub busy: bool,
-    /// Frames in the WAL.
-    pub frames: i64,
-    /// Frames copied into the database file (by this or earlier checkpoints).
-    pub copied: i64,
-}
-
-/// Runs one checkpoint in `mode` (`PASSIVE`, `FULL`, `RESTART` or `TRUNCATE`).
-pub(super) fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<Outcome> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-        Ok(Outcome {
-            busy: r.get::<_, i64>(0)? != 0,
-            frames: r.get(1)?,
-            copied: r.get(2)?,
-        })
-    })
+/// Runs one `PASSIVE` checkpoint (copies what it can without waiting for anyone) and returns
+/// the number of frames in the WAL.
+pub(super) fn passive(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
 }
 
 fn run(conn: &Connection, rx: &crossbeam_channel::Receiver<()>, done: &AtomicBool) {
     let mut failing = false;
     while rx.recv().is_ok() {
         let started = std::time::Instant::now();
-        match checkpoint(conn, "PASSIVE") {
-            Ok(o) => {
+        match passive(conn) {
+            Ok(frames) => {
                 metrics::histogram!("dccsign_ledger_checkpoint_seconds")
                     .record(started.elapsed().as_secs_f64());
-                metrics::gauge!("dccsign_ledger_wal_frames").set(o.frames as f64);
+                metrics::gauge!("dccsign_ledger_wal_frames").set(frames as f64);
                 done.store(true, Ordering::Release);
                 if failing {
                     tracing::warn!("ledger checkpoints work again");

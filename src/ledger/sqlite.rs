@@ -197,7 +197,7 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>, checkpoint
                     checkpoints.poke();
                 }
                 if checkpoints.finished() {
-                    if let Err(e) = checkpoint::checkpoint(&conn, "PASSIVE") {
+                    if let Err(e) = checkpoint::passive(&conn) {
                         tracing::warn!(error = %e, "ledger writer's catch-up checkpoint failed");
                     }
                 }
