@@ -26,41 +26,33 @@ use rusqlite::Connection;
 /// sizes, SQLite's default threshold).
 pub(super) const COMMITS_PER_CHECKPOINT: u32 = 32;
 
-/// The checkpoint thread, poked by the writer.
+/// The checkpoint thread. It stops when the writer's [`Poker`] is dropped; dropping this waits
+/// for that.
 pub(super) struct Checkpointer {
-    poke: Option<crossbeam_channel::Sender<()>>,
-    done: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Checkpointer {
-    /// Starts the thread on `conn` (a connection of its own to the ledger file).
-    pub(super) fn start(conn: Connection) -> std::io::Result<Checkpointer> {
+    /// Starts the thread on `conn` (a connection of its own to the ledger file) and returns the
+    /// writer's handle on it.
+    pub(super) fn start(conn: Connection) -> std::io::Result<(Checkpointer, Poker)> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         let thread = std::thread::Builder::new()
             .name("ledger-checkpoint".into())
             .spawn(move || run(&conn, &rx, &flag))?;
-        Ok(Checkpointer {
-            poke: Some(tx),
-            done,
-            thread: Some(thread),
-        })
-    }
-
-    /// The writer's handle on the thread.
-    pub(super) fn poker(&self) -> Poker {
-        Poker {
-            poke: self.poke.clone(),
-            done: self.done.clone(),
-        }
+        Ok((
+            Checkpointer {
+                thread: Some(thread),
+            },
+            Poker { poke: tx, done },
+        ))
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        self.poke.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -69,16 +61,14 @@ impl Drop for Checkpointer {
 
 /// The writer's side of the checkpointer; never blocks.
 pub(super) struct Poker {
-    poke: Option<crossbeam_channel::Sender<()>>,
+    poke: crossbeam_channel::Sender<()>,
     done: Arc<AtomicBool>,
 }
 
 impl Poker {
     /// Asks for a checkpoint unless one is already asked for.
     pub(super) fn poke(&self) {
-        if let Some(tx) = &self.poke {
-            let _ = tx.try_send(());
-        }
+        let _ = self.poke.try_send(());
     }
 
     /// Whether a background checkpoint finished since the last call (then the writer copies

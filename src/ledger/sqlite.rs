@@ -131,7 +131,8 @@ pub struct SqliteLedger {
     /// Writes go to one writer thread, which commits them in groups.
     writer: Option<crossbeam_channel::Sender<WriteOp>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
-    /// Copies the WAL into the database file beside the writer (dropped after it).
+    /// Copies the WAL into the database file beside the writer; stops after the writer (which
+    /// holds its `Poker`).
     checkpointer: Option<Checkpointer>,
 }
 
@@ -448,10 +449,9 @@ impl SqliteLedger {
         // (10 million rows: 4 178 -> 4 757 certificates/s in stream mode).
         write_conn.pragma_update(None, "cache_size", -65536)?;
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Checkpointer::start(open_conn(path)?).map_err(|e| {
+        let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
         })?;
-        let poker = checkpointer.poker();
         let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
