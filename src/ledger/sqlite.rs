@@ -124,6 +124,18 @@ ALTER TABLE certificates ADD COLUMN signature BLOB CHECK (signature IS NULL OR l
 "#,
 ];
 
+/// Page cache of the ledger writer's connection, in KiB (8 MiB).
+///
+/// Large enough for the interior pages of the unique UVCI-hash index, which every insert walks
+/// (at 10 million rows ~2.5 MB; SQLite's default 2 MiB was too small: 4 178 -> 4 757
+/// certificates/s in the third session's 10-million-row run with 64 MiB). Not larger, because
+/// the leaves are hit at random and miss any affordable cache anyway, and because a bigger cache
+/// costs CPU on every commit while the file is under 1 GiB: SQLite's B-tree balancing renumbers
+/// pages through the lock-byte page at 1 GiB, and the commit after it then walks the whole page
+/// cache (`pcache1TruncateUnsafe`: 24 % of the writer's CPU at ~1.5 million rows with 64 MiB,
+/// 9 % with 8 MiB). Measured in docs/benchmarks.md ("Tenth session").
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
+
 /// A ledger in one SQLite file.
 pub struct SqliteLedger {
     /// Reads (and migrations). WAL lets them run beside the writer.
@@ -444,10 +456,8 @@ impl SqliteLedger {
         };
         ledger.migrate()?;
         let write_conn = open_conn(path)?;
-        // 64 MiB of page cache for the writer (default 2 MiB): the unique UVCI-hash index is hit
-        // at random places, and with millions of rows its pages no longer fit the default cache
-        // (10 million rows: 4 178 -> 4 757 certificates/s in stream mode).
-        write_conn.pragma_update(None, "cache_size", -65536)?;
+        // The writer's page cache: WRITER_CACHE_KIB, not SQLite's 2 MiB default and not more.
+        write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
