@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pre-fills a development ledger with N signed certificate rows (and their request rows), for
+"""Pre-fills a development ledger with N signed certificate rows (with their request keys), for
 the "cost per certificate does not grow with the ledger" run of docs/benchmarks.md:
 
     target/release/dccsign dev-init --state-dir /tmp/big
@@ -9,7 +9,8 @@ the "cost per certificate does not grow with the ledger" run of docs/benchmarks.
 
 Rows look like the daemon's: random 16-byte UVCI / country-UVCI / signature hashes (so the
 unique UVCI index is hit at random places, as in production), the kids of the state directory's
-DSCs, the load generator's type mix, one request row per certificate. The schema is created by
+DSCs, the load generator's type mix, one request key per certificate (on the certificate row
+from schema version 6, in the `requests` table before). The schema is created by
 the daemon's own migrations (a short `serve` run) so the file is exactly what it would write.
 Bulk loading uses one transaction per 200 000 rows without fsync; the daemon afterwards runs
 with its normal durable settings.
@@ -68,6 +69,9 @@ def main():
     db.execute("PRAGMA cache_size=-1000000")
     (start_id,) = db.execute("SELECT coalesce(max(id), 0) FROM certificates").fetchone()
     types = ["vaccination"] * 12 + ["test"] * 7 + ["recovery"]
+    client = "spiffe://dccsign.dev/issuer-all"
+    columns = {row[1] for row in db.execute("PRAGMA table_info(certificates)")}
+    on_row = "request_id" in columns
     now = int(time.time())
     chunk = 200_000
     t0 = time.time()
@@ -82,18 +86,21 @@ def main():
             t = types[(done + i) % 20]
             exp = iat + (72 * 3600 if t == "test" else 365 * 86400)
             r = rnd[112 * i:112 * i + 112]
+            req = (f"fill-{rid}", r[0:16] * 2)
             certs.append((rid, r[0:16], r[16:32], t, kids[(done + i) % len(kids)], iat, exp,
-                          r[32:48], iat, iat, "spiffe://dccsign.dev/issuer-all", r[48:112]))
-            reqs.append(("spiffe://dccsign.dev/issuer-all", f"fill-{rid}",
-                         r[0:16] * 2, rid, iat))
+                          r[32:48], iat, iat, client, r[48:112]) + (req if on_row else ()))
+            reqs.append((client, req[0], req[1], rid, iat))
         with db:
             db.executemany(
                 "INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, "
-                "exp, state, signature_hash, reserved_at, signed_at, issuer, signature) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'signed', ?, ?, ?, ?, ?)", certs)
-            db.executemany(
-                "INSERT INTO requests (client, request_id, request_hash, certificate_id, "
-                "created_at) VALUES (?, ?, ?, ?, ?)", reqs)
+                "exp, state, signature_hash, reserved_at, signed_at, issuer, signature"
+                + (", request_id, request_hash) " if on_row else ") ")
+                + "VALUES (?, ?, ?, ?, ?, ?, ?, 'signed', ?, ?, ?, ?, ?"
+                + (", ?, ?)" if on_row else ")"), certs)
+            if not on_row:
+                db.executemany(
+                    "INSERT INTO requests (client, request_id, request_hash, certificate_id, "
+                    "created_at) VALUES (?, ?, ?, ?, ?)", reqs)
         done += n
         rate = done / (time.time() - t0)
         print(f"\r{done:,} rows ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)

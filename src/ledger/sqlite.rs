@@ -122,7 +122,31 @@ CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
     r#"
 ALTER TABLE certificates ADD COLUMN signature BLOB CHECK (signature IS NULL OR length(signature) = 64);
 "#,
+    // The caller's request key moves to the certificate row, unique per issuer (the client the
+    // request came from): one B-tree per certificate instead of three (the `requests` rows, its
+    // key and `requests_certificate`), ~7 of the ~33 pages a commit of 15 certificates wrote.
+    // Nothing is copied: request keys recorded before stay in `requests`, which gets no new
+    // rows; the writer refuses a key found there (`LEGACY_REQUEST`) and `find_request` looks
+    // there second. The upgrade is therefore one pass over the table (building the empty
+    // index), whatever the ledger's size.
+    r#"
+ALTER TABLE certificates ADD COLUMN request_id TEXT;
+ALTER TABLE certificates ADD COLUMN request_hash BLOB
+    CHECK (request_hash IS NULL OR length(request_hash) = 32)
+    CHECK ((request_hash IS NULL) = (request_id IS NULL));
+CREATE UNIQUE INDEX certificates_request ON certificates (issuer, request_id)
+    WHERE request_id IS NOT NULL;
+"#,
 ];
+
+/// Whether a request key is in the `requests` table of schema versions 2–5.
+const LEGACY_REQUEST: &str = "SELECT 1 FROM requests WHERE client = ?1 AND request_id = ?2";
+
+/// Whether `requests` (schema versions 2–5) holds any row. It gets no new rows, so an answer of
+/// `false` stays true for the life of the file.
+fn has_legacy_requests(c: &Connection) -> Result<bool, rusqlite::Error> {
+    c.query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |r| r.get(0))
+}
 
 /// Page cache of the ledger writer's connection, in KiB (8 MiB).
 ///
@@ -179,7 +203,12 @@ fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
 /// checkpoint thread every [`checkpoint::COMMITS_PER_CHECKPOINT`] commits, and after that
 /// thread's checkpoint copies the few commits made meanwhile, so that its next transaction
 /// starts the WAL over (see `checkpoint.rs`).
-fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>, checkpoints: Poker) {
+fn writer(
+    conn: Connection,
+    legacy: bool,
+    rx: crossbeam_channel::Receiver<WriteOp>,
+    checkpoints: Poker,
+) {
     let mut commits = 0u32;
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
@@ -191,7 +220,7 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>, checkpoint
         }
         metrics::histogram!("dccsign_ledger_group_size").record(group.len() as f64);
         let started = std::time::Instant::now();
-        let results = apply_group(&conn, &group).and_then(|results| {
+        let results = apply_group(&conn, legacy, &group).and_then(|results| {
             conn.execute_batch("COMMIT").map(|_| results).map_err(|e| {
                 let _ = conn.execute_batch("ROLLBACK");
                 LedgerError::Database(format!("commit failed: {e}"))
@@ -230,12 +259,17 @@ fn writer(conn: Connection, rx: crossbeam_channel::Receiver<WriteOp>, checkpoint
 
 /// Opens a transaction and applies the group, leaving the transaction open for the commit:
 /// first every write straight; if one fails, again from a fresh transaction with a savepoint
-/// per write. Fails only when no transaction could be opened.
-fn apply_group(c: &Connection, group: &[WriteOp]) -> Result<Vec<WriteResult>, LedgerError> {
+/// per write. Fails only when no transaction could be opened. `legacy`: whether request keys
+/// must also be looked for in the `requests` table of schema versions 2–5.
+fn apply_group(
+    c: &Connection,
+    legacy: bool,
+    group: &[WriteOp],
+) -> Result<Vec<WriteResult>, LedgerError> {
     c.execute_batch("BEGIN IMMEDIATE")?;
     let mut results = Vec::with_capacity(group.len());
     for op in group {
-        match apply(c, &op.kind) {
+        match apply(c, legacy, &op.kind) {
             Ok(r) => results.push(Ok(r)),
             Err(_) => break,
         }
@@ -253,7 +287,7 @@ fn apply_group(c: &Connection, group: &[WriteOp]) -> Result<Vec<WriteResult>, Le
             run(c, "SAVEPOINT w")
                 .map_err(LedgerError::from)
                 .and_then(|_| {
-                    let r = apply(c, &op.kind);
+                    let r = apply(c, legacy, &op.kind);
                     if r.is_err() {
                         run(c, "ROLLBACK TO w")?;
                     }
@@ -276,37 +310,63 @@ fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<usize, ru
     c.prepare_cached(sql)?.execute(p)
 }
 
-fn apply(c: &Connection, kind: &LedgerWrite) -> WriteResult {
+fn apply(c: &Connection, legacy: bool, kind: &LedgerWrite) -> WriteResult {
     match kind {
-        LedgerWrite::Reserve(r, q) => write_reserve(c, r, q.as_ref()).map(Some),
+        LedgerWrite::Reserve(r, q) => write_reserve(c, legacy, r, q.as_ref()).map(Some),
         LedgerWrite::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
         LedgerWrite::Release(id) => write_release(c, *id).map(|_| None),
     }
 }
 
+/// Inserts the reservation with the caller's request key on the same row. A request key already
+/// recorded (on a row, or in the `requests` table of an older schema) is `DuplicateRequest`,
+/// also when the UVCI is the same (a retry racing its first attempt is "in progress", not a
+/// reused UVCI: the retry will then replay).
 fn write_reserve(
     c: &Connection,
+    legacy: bool,
     r: &Reservation,
     request: Option<&RequestKey>,
 ) -> Result<ReservationId, LedgerError> {
     if let Some(old) = r.replaces {
         check_replaceable(c, old)?;
     }
-    let issuer = request.map(|q| q.client.as_str());
+    let in_legacy = |q: &RequestKey| -> Result<bool, LedgerError> {
+        Ok(legacy
+            && c.prepare_cached(LEGACY_REQUEST)?
+                .exists(params![q.client, q.request_id])?)
+    };
+    if let Some(q) = request {
+        if in_legacy(q)? {
+            return Err(LedgerError::DuplicateRequest);
+        }
+    }
     let res = exec(
         c,
-        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9)",
-        params![&r.uci_hash[..], &r.country_uci_hash[..], r.cert_type.as_str(), &r.kid[..], r.iat, r.exp, now(), issuer, r.replaces],
+        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces, request_id, request_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11)",
+        params![
+            &r.uci_hash[..],
+            &r.country_uci_hash[..],
+            r.cert_type.as_str(),
+            &r.kid[..],
+            r.iat,
+            r.exp,
+            now(),
+            request.map(|q| q.client.as_str()),
+            r.replaces,
+            request.map(|q| q.request_id.as_str()),
+            request.map(|q| &q.request_hash[..]),
+        ],
     );
     match res {
-        Ok(_) => {}
+        Ok(_) => Ok(ReservationId(c.last_insert_rowid())),
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
-            // The same request racing with itself (a retry while the first attempt is in
-            // flight) is "in progress", not a reused UVCI: the retry will then replay.
             if let Some(q) = request {
                 let known = c
-                    .prepare_cached("SELECT 1 FROM requests WHERE client = ?1 AND request_id = ?2")?
+                    .prepare_cached(
+                        "SELECT 1 FROM certificates WHERE issuer = ?1 AND request_id = ?2",
+                    )?
                     .exists(params![q.client, q.request_id])?;
                 if known {
                     return Err(LedgerError::DuplicateRequest);
@@ -316,7 +376,7 @@ fn write_reserve(
                 .prepare_cached("SELECT state FROM certificates WHERE uci_hash = ?1")?
                 .query_row(params![&r.uci_hash[..]], |row| row.get(0))
                 .optional()?;
-            return match (state, r.replaces) {
+            match (state, r.replaces) {
                 (Some(state), _) => Err(LedgerError::DuplicateUvci { state }),
                 (None, Some(_)) => Err(LedgerError::NotReplaceable(
                     "a replacement of it is already recorded".into(),
@@ -324,28 +384,10 @@ fn write_reserve(
                 (None, None) => Err(LedgerError::Database(
                     "constraint violation on insert".into(),
                 )),
-            };
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let id = c.last_insert_rowid();
-    if let Some(q) = request {
-        match exec(
-            c,
-            "INSERT INTO requests (client, request_id, request_hash, certificate_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![q.client, q.request_id, &q.request_hash[..], id, now()],
-        ) {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == ErrorCode::ConstraintViolation =>
-            {
-                return Err(LedgerError::DuplicateRequest)
             }
-            Err(e) => return Err(e.into()),
         }
+        Err(e) => Err(e.into()),
     }
-    Ok(ReservationId(id))
 }
 
 /// A certificate may be replaced when it is signed, not revoked and not replaced yet.
@@ -459,13 +501,14 @@ impl SqliteLedger {
         // The writer's page cache: WRITER_CACHE_KIB, not SQLite's 2 MiB default and not more.
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let legacy = has_legacy_requests(&write_conn)?;
         let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
         })?;
         let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer(write_conn, rx, poker))
+            .spawn(move || writer(write_conn, legacy, rx, poker))
             .map_err(|e| LedgerError::Database(format!("cannot start the ledger writer: {e}")))?;
         ledger.writer = Some(tx);
         ledger.writer_thread = Some(handle);
@@ -542,7 +585,10 @@ impl Ledger for SqliteLedger {
     ) -> Result<Option<StoredRequest>, LedgerError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT c.*, q.request_hash AS q_hash, coalesce(c.signature, q.signature) AS q_sig
+            "SELECT c.*, c.request_hash AS q_hash, c.signature AS q_sig
+             FROM certificates c WHERE c.issuer = ?1 AND c.request_id = ?2
+             UNION ALL
+             SELECT c.*, q.request_hash, coalesce(c.signature, q.signature)
              FROM requests q JOIN certificates c ON c.id = q.certificate_id
              WHERE q.client = ?1 AND q.request_id = ?2",
         )?;
@@ -766,6 +812,85 @@ mod tests {
         assert!(l.find_request("c", "r-2").unwrap().is_none());
     }
 
+    /// A ledger of schema version 5 keeps its request keys in `requests`. After the upgrade
+    /// they are still found, still refuse a second reservation, and go with their certificate;
+    /// new keys go on the certificate row.
+    #[test]
+    fn request_keys_recorded_before_schema_6_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            for sql in &MIGRATIONS[..5] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 5;
+                 INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, exp,
+                     state, signature_hash, reserved_at, signed_at, issuer, signature)
+                 VALUES (1, zeroblob(16), zeroblob(16), 'test', zeroblob(8), 1, 2, 'signed',
+                     zeroblob(16), 1, 1, 'c', NULL),
+                        (2, randomblob(16), randomblob(16), 'test', zeroblob(8), 1, 2, 'reserved',
+                     NULL, 1, NULL, 'c', NULL);
+                 INSERT INTO requests (client, request_id, request_hash, certificate_id, signature,
+                     created_at)
+                 VALUES ('c', 'old', zeroblob(32), 1, randomblob(64), 1),
+                        ('c', 'old-2', zeroblob(32), 2, NULL, 1);",
+            )
+            .unwrap();
+        }
+        let l = SqliteLedger::open(&p).unwrap();
+        let key = |id: &str| RequestKey {
+            client: "c".into(),
+            request_id: id.into(),
+            request_hash: [5; 32],
+        };
+        let old = l.find_request("c", "old").unwrap().unwrap();
+        assert_eq!(old.record.id, 1);
+        assert_eq!(old.request_hash, [0; 32]);
+        assert!(old.signature.is_some());
+        assert!(matches!(
+            l.reserve(&res(20), Some(&key("old"))),
+            Err(LedgerError::DuplicateRequest)
+        ));
+        assert!(l.find_by_uci_hash(&[20; 16]).unwrap().is_none());
+        // Another client's "old" and a new id of this client are free; the new key is on the row.
+        let id = l.reserve(&res(21), Some(&key("new"))).unwrap();
+        assert!(l
+            .reserve(
+                &res(22),
+                Some(&RequestKey {
+                    client: "d".into(),
+                    ..key("old")
+                })
+            )
+            .is_ok());
+        let conn = open_conn(&p).unwrap();
+        let on_row: (String, String, Vec<u8>) = conn
+            .query_row(
+                "SELECT issuer, request_id, request_hash FROM certificates WHERE id = ?1",
+                [id.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(on_row, ("c".into(), "new".into(), vec![5; 32]));
+        let legacy_rows: i64 = conn
+            .query_row("SELECT count(*) FROM requests", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(legacy_rows, 2);
+        // Releasing an old reservation takes its old request key with it.
+        l.release(ReservationId(2)).unwrap();
+        assert!(l.find_request("c", "old-2").unwrap().is_none());
+        assert!(l.reserve(&res(23), Some(&key("old-2"))).is_ok());
+        // A row's request id and hash come together.
+        assert!(conn
+            .execute(
+                "UPDATE certificates SET request_hash = NULL WHERE id = ?1",
+                [id.0]
+            )
+            .is_err());
+    }
+
     #[test]
     fn concurrent_writes_commit_in_groups_and_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -830,7 +955,7 @@ mod tests {
             LedgerWrite::Reserve(res(4), None),
         ];
         let group = unanswered(ops);
-        let results = apply_group(&conn, &group).unwrap();
+        let results = apply_group(&conn, false, &group).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         assert!(matches!(results[0], Ok(Some(_))), "{results:?}");
         assert!(
@@ -871,7 +996,7 @@ mod tests {
         );
         // A group without failures commits on the first pass.
         let ok = unanswered([LedgerWrite::Reserve(res(5), None)]);
-        let results = apply_group(&conn, &ok).unwrap();
+        let results = apply_group(&conn, false, &ok).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         assert!(matches!(results[0], Ok(Some(_))));
         assert!(l.find_by_uci_hash(&[5; 16]).unwrap().is_some());
