@@ -2,15 +2,16 @@
 """Runs the daemon benchmark matrix with `dccsign load` and draws the plots of docs/benchmarks.md.
 
     cargo build --release
-    python3 benches/load_sweep.py --out docs/benchmarks            # sweep + plots (~4 min)
+    python3 benches/load_sweep.py --out docs/benchmarks            # sweep + plots (~5 min)
     python3 benches/load_sweep.py --plot-only --out docs/benchmarks  # redraw from sweep.json
 
 One release daemon on a development state directory (created with `dev-init` unless
 --state-dir names an existing one, e.g. a ledger pre-filled by fill_ledger.py), then for each mode
 (unary, stream) and each number of requests in flight per connection, a closed-loop run over 2
-connections; the last run also measures the raw SoftHSM rate (--raw-hsm, same thread count as
-the daemon's pool); then an open-loop run at half of the best closed-loop rate. Results go to
-OUT/sweep.json; OUT/throughput.svg and OUT/latency.svg are drawn from it (standard library only).
+connections, then the highest level over 3 and 4 connections (--wide); the last run also
+measures the raw SoftHSM rate (--raw-hsm, same thread count as the daemon's pool); then an
+open-loop run at half of the best closed-loop rate. Results go to OUT/sweep.json;
+OUT/throughput.svg and OUT/latency.svg are drawn from it (standard library only).
 A markdown table is printed for docs/benchmarks.md.
 """
 
@@ -71,11 +72,14 @@ def sweep(args):
     runs = []
     try:
         levels = [int(x) for x in args.levels.split(",")]
-        for mode in args.modes.split(","):
-            for i, k in enumerate(levels):
-                last = mode == args.modes.split(",")[-1] and i == len(levels) - 1
-                runs.append(load(binary, state, addr, mode, args.connections, k,
-                                 args.duration, raw=last))
+        wide = [int(x) for x in args.wide.split(",") if x]
+        modes = args.modes.split(",")
+        for mode in modes:
+            # Per-connection levels on --connections, then the top level on more connections.
+            plan = [(args.connections, k) for k in levels] + [(c, levels[-1]) for c in wide]
+            for i, (c, k) in enumerate(plan):
+                last = mode == modes[-1] and i == len(plan) - 1
+                runs.append(load(binary, state, addr, mode, c, k, args.duration, raw=last))
         best = max(r["certificates_per_second"] for r in runs)
         if not args.no_open_loop:
             runs.append(load(binary, state, addr, "unary", args.connections, 128,
@@ -177,13 +181,13 @@ def plot(data, out):
     closed = [r for r in data["runs"] if not r.get("target_rate")]
     series = []
     for mode in sorted({r["mode"] for r in closed}):
-        pts = sorted((r["concurrency"], r["certificates_per_second"]) for r in closed
-                     if r["mode"] == mode)
+        pts = sorted((r["connections"] * r["concurrency"], r["certificates_per_second"])
+                     for r in closed if r["mode"] == mode)
         series.append((f"{mode}", pts))
-    conns = closed[0]["connections"]
     with open(os.path.join(out, "throughput.svg"), "w") as f:
-        f.write(svg(f"Certificates/s against requests in flight ({conns} connections)",
-                    "requests in flight per connection", "certificates per second", series,
+        f.write(svg("Certificates/s against requests in flight",
+                    "requests in flight (connections × per connection)",
+                    "certificates per second", series,
                     hlines=[(f"raw HSM {raw:,.0f}/s".replace(",", " "), raw),
                             ("70 % of raw", 0.7 * raw)], xlog=True))
     picks = [r for r in closed if r["mode"] == "stream"][-1:] + \
@@ -208,6 +212,9 @@ def main():
     p.add_argument("--modes", default="unary,stream")
     p.add_argument("--levels", default="1,4,16,64", help="requests in flight per connection")
     p.add_argument("--connections", type=int, default=2)
+    p.add_argument("--wide", default="3,4",
+                   help="more connections at the top level (4 x 64 = the default per-client "
+                        "limit of 256 in flight); empty for none")
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--no-open-loop", action="store_true")
     p.add_argument("--name", default="sweep", help="result file name (NAME.json)")
