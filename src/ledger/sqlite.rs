@@ -127,8 +127,8 @@ ALTER TABLE certificates ADD COLUMN signature BLOB CHECK (signature IS NULL OR l
     // key and `requests_certificate`), ~7 of the ~33 pages a commit of 15 certificates wrote.
     // Nothing is copied: request keys recorded before stay in `requests`, which gets no new
     // rows; the writer refuses a key found there (`LEGACY_REQUEST`) and `find_request` looks
-    // there second. The upgrade is therefore one pass over the table (building the empty
-    // index), whatever the ledger's size.
+    // there second. The upgrade copies nothing; it reads the table once to build the (empty)
+    // index.
     r#"
 ALTER TABLE certificates ADD COLUMN request_id TEXT;
 ALTER TABLE certificates ADD COLUMN request_hash BLOB
@@ -143,7 +143,7 @@ CREATE UNIQUE INDEX certificates_request ON certificates (issuer, request_id)
 const LEGACY_REQUEST: &str = "SELECT 1 FROM requests WHERE client = ?1 AND request_id = ?2";
 
 /// Whether `requests` (schema versions 2–5) holds any row. It gets no new rows, so an answer of
-/// `false` stays true for the life of the file.
+/// `false` stays correct for the life of the file.
 fn has_legacy_requests(c: &Connection) -> Result<bool, rusqlite::Error> {
     c.query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |r| r.get(0))
 }
@@ -331,13 +331,10 @@ fn write_reserve(
     if let Some(old) = r.replaces {
         check_replaceable(c, old)?;
     }
-    let in_legacy = |q: &RequestKey| -> Result<bool, LedgerError> {
-        Ok(legacy
-            && c.prepare_cached(LEGACY_REQUEST)?
-                .exists(params![q.client, q.request_id])?)
-    };
-    if let Some(q) = request {
-        if in_legacy(q)? {
+    if let Some(q) = request.filter(|_| legacy) {
+        if c.prepare_cached(LEGACY_REQUEST)?
+            .exists(params![q.client, q.request_id])?
+        {
             return Err(LedgerError::DuplicateRequest);
         }
     }
