@@ -752,7 +752,10 @@ mod tests {
     /// The writer turns SQLite's automatic checkpoint off; the checkpoint thread and the
     /// writer's catch-up must still copy the WAL back and let it start over. Every commit
     /// writes at least one frame of a page, so a WAL that never started over would be longer
-    /// than one page per commit.
+    /// than one page per commit. (The bound is that, not tighter: on a busy machine the
+    /// checkpoint thread may lag the commits for a while, and the WAL then grows further before
+    /// it starts over: 0.66–0.8 MB in 2 of 15 runs with two CPU hogs beside the tests, against
+    /// the 2.6 MB of the bound.)
     #[test]
     fn checkpoints_keep_the_wal_from_growing_with_the_commits() {
         let dir = tempfile::tempdir().unwrap();
@@ -770,7 +773,7 @@ mod tests {
             .len();
         let page = 4096 + 24;
         assert!(
-            wal < u64::from(commits) * page / 4,
+            wal < u64::from(commits) * page,
             "WAL of {wal} bytes after {commits} commits"
         );
         // Everything committed is there, through the reader and after reopening.
