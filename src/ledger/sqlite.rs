@@ -526,12 +526,14 @@ impl SqliteLedger {
                 MIGRATIONS.len()
             )));
         }
+        // A new file gets every migration silently; an existing one is being upgraded.
+        let upgrading = version > 0;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             // An upgrade of an existing ledger may take a while (migration 6 reads the whole
             // certificates table once: ~80 s for 10 million rows from a cold disk). Said at
             // `warn`, the daemon's default log level, so that a long start is not a surprise.
             let started = std::time::Instant::now();
-            if version > 0 {
+            if upgrading {
                 tracing::warn!(
                     migration = i + 1,
                     "upgrading the ledger schema: one transaction that may read the whole \
@@ -542,7 +544,7 @@ impl SqliteLedger {
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
-            if version > 0 {
+            if upgrading {
                 tracing::warn!(
                     migration = i + 1,
                     seconds = started.elapsed().as_secs_f64(),
