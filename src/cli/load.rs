@@ -42,8 +42,9 @@ pub struct LoadArgs {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Open-loop target rate (certificates/s over all connections); latency is measured from
-    /// the scheduled start, so queueing counts. Without it: closed loop at full speed.
+    /// Open-loop target rate (certificates/s over all connections, in every mode; in `batch`
+    /// mode whole messages are paced); latency is measured from the scheduled start, so
+    /// queueing counts. Without it: closed loop at full speed.
     #[arg(long)]
     rate: Option<f64>,
     /// Verify every Nth response's signature against the DSC from GetSigningInfo (0 = none).
@@ -334,11 +335,12 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 payloads: payloads.clone(),
                 run: run_id.clone(),
                 verify_every: args.verify_every,
+                rate: per_conn_rate,
             };
             let (mode, batch) = (args.mode, args.batch as usize);
             tasks.push(tokio::spawn(async move {
                 match mode {
-                    Mode::Unary => unary(w, per_conn_rate).await,
+                    Mode::Unary => unary(w).await,
                     Mode::Stream => stream(w).await,
                     Mode::Batch => batches(w, batch).await,
                 }
@@ -498,6 +500,44 @@ struct Worker {
     payloads: BTreeMap<CertType, String>,
     run: String,
     verify_every: u64,
+    /// Open-loop rate of this connection in certificates/s (`None`: closed loop).
+    rate: Option<f64>,
+}
+
+/// The open-loop schedule of one connection: when each message is due. Latency counts from
+/// the due time, so a message held back by the in-flight limit or a slow sender counts its
+/// wait (no coordinated omission).
+struct Pace {
+    interval: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    /// Messages of `size` certificates at `rate` certificates/s; closed loop without a rate.
+    fn new(rate: Option<f64>, size: usize) -> Pace {
+        Pace {
+            interval: rate.map(|r| Duration::from_secs_f64(size as f64 / r.max(0.001))),
+            next: Instant::now(),
+        }
+    }
+
+    /// Waits until the next message is due and returns its due time (closed loop: now).
+    async fn due(&mut self) -> Instant {
+        match self.interval {
+            Some(iv) => {
+                tokio::time::sleep_until(self.next.into()).await;
+                let due = self.next;
+                self.next += iv;
+                due
+            }
+            None => Instant::now(),
+        }
+    }
+
+    /// Whether the latency counts from the due time rather than from the send.
+    fn open(&self) -> bool {
+        self.interval.is_some()
+    }
 }
 
 fn check(
@@ -516,7 +556,7 @@ fn check(
     };
 }
 
-async fn unary(w: Worker, rate: Option<f64>) {
+async fn unary(w: Worker) {
     let Worker {
         ch,
         in_flight: k,
@@ -527,20 +567,12 @@ async fn unary(w: Worker, rate: Option<f64>) {
         payloads,
         run,
         verify_every,
+        rate,
     } = w;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
-    let interval = rate.map(|r| Duration::from_secs_f64(1.0 / r.max(0.001)));
-    let mut next = Instant::now();
+    let mut pace = Pace::new(rate, 1);
     while Instant::now() < deadline {
-        let scheduled = match interval {
-            Some(iv) => {
-                tokio::time::sleep_until(next.into()).await;
-                let s = next;
-                next += iv;
-                s
-            }
-            None => Instant::now(),
-        };
+        let scheduled = pace.due().await;
         let Ok(permit) = gate.clone().acquire_owned().await else {
             break;
         };
@@ -601,7 +633,8 @@ fn sent(started: &Started, key: &str) -> Option<(Instant, u64)> {
 }
 
 /// The sending half of `stream` and `batches`: until the deadline, one message per permit of
-/// `gate`, of `size` consecutive requests that `wrap` turns into the message and its key.
+/// `gate` (open loop: no earlier than the message is due), of `size` consecutive requests that
+/// `wrap` turns into the message and its key.
 fn spawn_sender<M: Send + 'static>(
     w: &Worker,
     size: usize,
@@ -612,10 +645,13 @@ fn spawn_sender<M: Send + 'static>(
 ) -> tokio::task::JoinHandle<()> {
     let (deadline, counter) = (w.deadline, w.counter.clone());
     let (payloads, run) = (w.payloads.clone(), w.run.clone());
+    let mut pace = Pace::new(w.rate, size);
     tokio::spawn(async move {
         while Instant::now() < deadline {
+            let due = pace.due().await;
             let Ok(p) = gate.acquire().await else { break };
             p.forget();
+            let t0 = if pace.open() { due } else { Instant::now() };
             let first = counter.fetch_add(size as u64, Ordering::Relaxed);
             let items = (first..first + size as u64)
                 .map(|n| request(n, &run, &payloads))
@@ -624,7 +660,7 @@ fn spawn_sender<M: Send + 'static>(
             started
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(key, (Instant::now(), first));
+                .insert(key, (t0, first));
             if tx.send(msg).await.is_err() {
                 break;
             }
