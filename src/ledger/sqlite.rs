@@ -200,7 +200,7 @@ fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
 /// leaves no trace.
 ///
 /// The writer never checkpoints on its own threshold (`wal_autocheckpoint = 0`): it pokes the
-/// checkpoint thread every [`checkpoint::COMMITS_PER_CHECKPOINT`] commits, and after that
+/// checkpoint thread every ~1 000 writes (see [`checkpoint::Due`]), and after that
 /// thread's checkpoint copies the few commits made meanwhile, so that its next transaction
 /// starts the WAL over (see `checkpoint.rs`).
 fn writer(
@@ -209,7 +209,7 @@ fn writer(
     rx: crossbeam_channel::Receiver<WriteOp>,
     checkpoints: Poker,
 ) {
-    let mut commits = 0u32;
+    let mut due = checkpoint::Due::default();
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -230,12 +230,11 @@ fn writer(
             Ok(results) => {
                 metrics::histogram!("dccsign_ledger_group_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
+                let writes = group.len();
                 for (op, r) in group.into_iter().zip(results) {
                     (op.reply)(r);
                 }
-                commits += 1;
-                if commits >= checkpoint::COMMITS_PER_CHECKPOINT {
-                    commits = 0;
+                if due.committed(writes) {
                     checkpoints.poke();
                 }
                 if checkpoints.finished() {
@@ -754,10 +753,11 @@ mod tests {
     /// The writer turns SQLite's automatic checkpoint off; the checkpoint thread and the
     /// writer's catch-up must still copy the WAL back and let it start over. Every commit
     /// writes at least one frame of a page, so a WAL that never started over would be longer
-    /// than one page per commit. (The bound is that, not tighter: on a busy machine the
+    /// than one page per commit. The commits here hold one write each, so the commit count
+    /// triggers the checkpoints. (The bound is that, not tighter: on a busy machine the
     /// checkpoint thread may lag the commits for a while, and the WAL then grows further before
-    /// it starts over: 0.66–0.8 MB in 2 of 15 runs with two CPU hogs beside the tests, against
-    /// the 2.6 MB of the bound.)
+    /// it starts over; with checkpoints every 32 commits it reached 0.66–0.8 MB in 2 of 15
+    /// runs with two CPU hogs beside the tests, against a bound 4 times that.)
     #[test]
     fn checkpoints_keep_the_wal_from_growing_with_the_commits() {
         let dir = tempfile::tempdir().unwrap();
