@@ -1,6 +1,7 @@
 //! The issuance pipeline in-process against a real SoftHSM token: what the ledger records, and
 //! the record-before-sign invariant when the ledger fails. (One token per test process.)
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -367,5 +368,69 @@ fn a_retry_is_answered_from_the_ledger_whatever_fails_first() {
             reserved: 1,
             signed: 1
         }
+    );
+}
+
+/// A caller that goes away after its reservation is recorded (a cancelled RPC drops the
+/// request's future) does not leave the request stuck "in progress": the reservation, the
+/// signature and the completion run on without the caller, and the retry replays the recorded
+/// certificate.
+#[test]
+fn a_request_dropped_after_its_reservation_still_completes_and_its_retry_replays() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let payload = vaccination(None);
+    let ctx = request("dropped-1");
+    let recorded = |c: LedgerCounts| c.reserved + c.signed == 1;
+    {
+        // Poll the request (never to its end) until its reservation is durable, then drop it.
+        let mut fut = std::pin::pin!(iss.issue_for_async(
+            CertType::Vaccination,
+            Payload::Json(&payload),
+            now,
+            ctx
+        ));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !recorded(ledger.counts().unwrap()) {
+            assert!(
+                fut.as_mut().poll(&mut cx).is_pending(),
+                "issued before it was seen"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no reservation within 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let signed_only = LedgerCounts {
+        reserved: 0,
+        signed: 1,
+    };
+    while ledger.counts().unwrap() != signed_only {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped request's row stayed {:?}",
+            ledger.counts().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let again = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&payload), now, ctx)
+        .unwrap();
+    assert_eq!(
+        ledger
+            .find_by_uci_hash(&dccsign::revocation::hash::uci_hash(&again.uvci))
+            .unwrap()
+            .map(|r| r.state),
+        Some("signed".to_string())
+    );
+    assert_eq!(
+        ledger.counts().unwrap(),
+        signed_only,
+        "replayed, not signed again"
     );
 }

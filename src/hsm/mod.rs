@@ -23,7 +23,7 @@ mod uri;
 pub use error::HsmError;
 pub(crate) use pin::write_private_file;
 pub use pin::{load_pin, PinSource};
-pub use pool::{SignReply, SigningPool};
+pub use pool::{QueueSlot, SignReply, SigningPool};
 pub use signer::TokenSigner;
 pub use token::{KeyHandle, SecretKeyHandle, Token, TokenSettings};
 pub use uri::KeyUri;

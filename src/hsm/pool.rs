@@ -51,6 +51,12 @@ struct Job {
     _slot: OwnedSemaphorePermit,
 }
 
+/// Room for one job in a pool's queue, taken ahead of the job: a caller that must hand a job
+/// over without waiting (a callback on another stage's thread) takes it first
+/// ([`SigningPool::queue_slot`]) and spends it with [`SigningPool::submit_in`].
+#[derive(Debug)]
+pub struct QueueSlot(OwnedSemaphorePermit);
+
 /// A fixed set of worker threads, each with its own session on the token.
 pub struct SigningPool {
     tx: Option<Sender<Job>>,
@@ -143,6 +149,41 @@ impl SigningPool {
             },
             slot,
         )
+    }
+
+    /// Waits (asynchronously) for room in the queue and keeps it for one job.
+    pub async fn queue_slot(&self) -> Result<QueueSlot, HsmError> {
+        self.slot().await.map(QueueSlot)
+    }
+
+    /// Queues a signature over a SHA-256 digest in room taken before; never waits. `reply`
+    /// runs exactly once: on a worker thread with the result, or here with
+    /// [`HsmError::PoolClosed`] when the pool is shutting down.
+    pub fn submit_in(&self, slot: QueueSlot, key: &KeyHandle, digest: [u8; 32], reply: SignReply) {
+        let job = Job {
+            work: Work::Sign {
+                key: key.private,
+                digest,
+                direct: false,
+                reply,
+            },
+            _slot: slot.0,
+        };
+        let refused = match self.tx.as_ref() {
+            Some(tx) => {
+                metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
+                // Never full: every queued job holds one of the `queue` permits.
+                tx.try_send(job).err().map(|e| e.into_inner())
+            }
+            None => Some(job),
+        };
+        if let Some(Job {
+            work: Work::Sign { reply, .. },
+            ..
+        }) = refused
+        {
+            reply(Err(HsmError::PoolClosed));
+        }
     }
 
     /// Signs a SHA-256 digest on a worker; waits (asynchronously) for room in the queue.

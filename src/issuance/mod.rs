@@ -8,6 +8,7 @@
 
 mod error;
 mod lifetime;
+mod pipeline;
 
 pub use error::IssueError;
 pub use lifetime::{expiry, LifetimePolicy};
@@ -23,9 +24,7 @@ use crate::cose::{self, CwtClaims, ProtectedHeader};
 use crate::dcc::{self, CertType, Policy};
 use crate::hsm::{SecretKeyHandle, SigningPool, Token};
 use crate::keys::{ActiveDsc, DscSet};
-use crate::ledger::{
-    self, Ledger, LedgerError, LedgerWrite, RequestKey, Reservation, StoredRequest,
-};
+use crate::ledger::{Ledger, LedgerError, RequestKey, Reservation, StoredRequest};
 use crate::revocation::hash;
 
 /// A payload as received: DCC JSON or DCC CBOR.
@@ -544,7 +543,6 @@ impl Issuer {
         let tbs = cose::sign1::sig_structure(&signer.header, &payload);
         let digest: [u8; 32] = Sha256::digest(&tbs).into();
 
-        let started = std::time::Instant::now();
         let reservation = Reservation {
             uci_hash: hash::uci_hash(&uvci),
             country_uci_hash: hash::country_uci_hash(&self.settings.country, &uvci),
@@ -554,43 +552,25 @@ impl Issuer {
             exp,
             replaces,
         };
-        let reservation = ledger::write(&*self.ledger, LedgerWrite::Reserve(reservation, request))
-            .await
-            .and_then(|id| id.ok_or_else(|| LedgerError::Database("reservation without id".into())))
-            .map_err(|e| match e {
-                LedgerError::DuplicateUvci { .. } => IssueError::DuplicateUvci,
-                LedgerError::DuplicateRequest => IssueError::RequestInProgress,
-                LedgerError::NotReplaceable(why) => IssueError::NotReplaceable(why),
-                other => IssueError::Ledger(other),
-            })?;
-        metrics::histogram!("dccsign_ledger_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
-
-        let started = std::time::Instant::now();
-        let signature = match self.pool().sign_async(&signer.dsc.key, digest).await {
-            Ok(s) => s,
-            Err(e) => {
-                if let Err(release) =
-                    ledger::write(&*self.ledger, LedgerWrite::Release(reservation)).await
-                {
-                    tracing::error!(error = %release, "could not release reservation after HSM failure");
-                }
-                return Err(IssueError::Hsm(e));
-            }
-        };
-        metrics::histogram!("dccsign_hsm_sign_seconds").record(started.elapsed().as_secs_f64());
-
-        let started = std::time::Instant::now();
-        let completion = LedgerWrite::Complete(
+        // Room in the HSM queue first: the chain's stages hand over without waiting.
+        let pool = self.pool();
+        let slot = pool.queue_slot().await.map_err(IssueError::Hsm)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pipeline::Chain {
+            ledger: self.ledger.clone(),
+            pool,
+            slot,
+            dsc: signer.dsc.clone(),
+            digest,
             reservation,
-            hash::signature_hash_es256(&signature),
-            signature,
-        );
-        ledger::write(&*self.ledger, completion)
-            .await
-            .map_err(IssueError::Ledger)?;
-        metrics::histogram!("dccsign_ledger_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
+            request,
+        }
+        .start(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        let signature = rx.await.map_err(|_| {
+            IssueError::Ledger(LedgerError::Database("issuance chain dropped".into()))
+        })??;
 
         let cose = cose::sign1::assemble(&signer.header, &payload, &signature);
         let hc1 = cose::hc1::encode(&cose);

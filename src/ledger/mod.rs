@@ -8,7 +8,8 @@
 //!   `SHA-256(country‖UVCI)[0..16]`, `SHA-256(r)[0..16]`), the kid, the type and times — never
 //!   names, birth dates, the UVCI itself or the payload;
 //! - a reservation whose signing failed is released, so the UVCI can be used again; a crash
-//!   between reservation and completion leaves a `reserved` row (no signature was returned);
+//!   between reservation and completion leaves a `reserved` row (no signature was returned),
+//!   a caller that goes away does not (`issuance::pipeline` runs on without it);
 //! - idempotency: a caller's `(client, request_id)` is recorded with the reservation, with a hash
 //!   of the request and, once signed, the signature — enough to rebuild the same bytes from the
 //!   re-sent payload, without storing the payload.

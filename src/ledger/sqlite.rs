@@ -501,7 +501,12 @@ impl SqliteLedger {
         let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
         })?;
-        let (tx, rx) = crossbeam_channel::bounded(4 * MAX_GROUP);
+        // Unbounded, so that `submit` never blocks: the HSM workers submit completions from
+        // their replies, and a writer that ever waited for them (dropping the last handle of a
+        // replaced signing pool joins its workers) must not find them waiting for room here.
+        // What bounds the queue is upstream: the daemon's in-flight limits per client and the
+        // HSM queue's room, which an issuance takes before it reserves.
+        let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || writer(write_conn, legacy, rx, poker))
