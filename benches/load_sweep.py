@@ -9,8 +9,10 @@ One release daemon on a development state directory (created with `dev-init` unl
 --state-dir names an existing one, e.g. a ledger pre-filled by fill_ledger.py), then for each mode
 (unary, stream) and each number of requests in flight per connection, a closed-loop run over 2
 connections, then the highest level over 3 and 4 connections (--wide); the last run also
-measures the raw SoftHSM rate (--raw-hsm, same thread count as the daemon's pool); then an
-open-loop run at half of the best closed-loop rate. Results go to OUT/sweep.json;
+measures the raw SoftHSM rate (--raw-hsm, same thread count as the daemon's pool). The client
+names the certificates (unique UVCIs in the payloads); one more stream run at the highest level
+has the daemon derive them in the token instead (--uvci daemon). Then, per mode, an open-loop
+run at half of that mode's best closed-loop rate. Results go to OUT/sweep.json;
 OUT/throughput.svg and OUT/latency.svg are drawn from it (standard library only).
 A markdown table is printed for docs/benchmarks.md.
 """
@@ -44,10 +46,10 @@ def start_daemon(binary, state_dir):
 
 
 def load(binary, state_dir, addr, mode, connections, concurrency, duration, rate=None,
-         raw=False):
+         raw=False, uvci="client"):
     cmd = [binary, "load", "--state-dir", state_dir, "--addr", addr, "--mode", mode,
            "--connections", str(connections), "--concurrency", str(concurrency),
-           "--duration", str(duration), "--json"]
+           "--duration", str(duration), "--uvci", uvci, "--json"]
     if rate:
         cmd += ["--rate", str(rate)]
     if raw:
@@ -56,7 +58,8 @@ def load(binary, state_dir, addr, mode, connections, concurrency, duration, rate
     if not r.stdout.strip():
         sys.exit("load failed: " + r.stderr[-2000:])
     res = json.loads(r.stdout)
-    label = f"{mode} {connections}x{concurrency}" + (f" @{rate:.0f}/s" if rate else "")
+    label = f"{mode} {connections}x{concurrency}" + (f" @{rate:.0f}/s" if rate else "") + \
+        ("" if uvci == "client" else f" ({uvci} UVCI)")
     print(f"{label:28s} {res['certificates_per_second']:8.0f}/s  p99 "
           f"{res['latency_ms']['p99']:.1f} ms  errors {res['errors']}", file=sys.stderr)
     return res
@@ -80,10 +83,17 @@ def sweep(args):
             for i, (c, k) in enumerate(plan):
                 last = mode == modes[-1] and i == len(plan) - 1
                 runs.append(load(binary, state, addr, mode, c, k, args.duration, raw=last))
-        best = max(r["certificates_per_second"] for r in runs)
+        # The same stream run with UVCIs derived in the token (one HMAC more per certificate).
+        if "stream" in modes:
+            runs.append(load(binary, state, addr, "stream", args.connections, levels[-1],
+                             args.duration, uvci="daemon"))
         if not args.no_open_loop:
-            runs.append(load(binary, state, addr, "unary", args.connections, 128,
-                             args.duration, rate=round(best / 2)))
+            # Per mode, open loop at half of its best closed-loop rate.
+            for mode in modes:
+                best = max(r["certificates_per_second"] for r in runs
+                           if r["mode"] == mode and r.get("uvci", "client") == "client")
+                runs.append(load(binary, state, addr, mode, args.connections, 128,
+                                 args.duration, rate=round(best / 2)))
     finally:
         proc.terminate()
         proc.wait()
@@ -106,15 +116,16 @@ def machine():
 
 def table(data):
     raw = data["raw_hsm"]["signatures_per_second"]
-    rows = ["| mode | connections × in flight | target rate | certificates/s | daemon/raw "
-            "| p50 ms | p90 ms | p99 ms | p99.9 ms | daemon RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | UVCI by | connections × in flight | target rate | certificates/s "
+            "| daemon/raw | p50 ms | p90 ms | p99 ms | p99.9 ms | daemon RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["runs"]:
         lat = r["latency_ms"]
         rss = f"{r['daemon_rss_mib']:.1f} MiB" if r.get("daemon_rss_mib") else "—"
         target = f"{r['target_rate']:.0f}/s open loop" if r.get("target_rate") else "closed loop"
         rows.append(
-            f"| {r['mode']} | {r['connections']} × {r['concurrency']} | {target} | "
+            f"| {r['mode']} | {r.get('uvci', 'daemon')} | {r['connections']} × {r['concurrency']} "
+            f"| {target} | "
             f"{r['certificates_per_second']:,.0f} | {r['certificates_per_second'] / raw:.3f} | "
             f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | {lat['p999']:.1f} | {rss} |"
             .replace(",", " "))
@@ -178,7 +189,8 @@ def svg(title, xlabel, ylabel, series, hlines=(), xlog=False, xticks=None):
 
 def plot(data, out):
     raw = data["raw_hsm"]["signatures_per_second"]
-    closed = [r for r in data["runs"] if not r.get("target_rate")]
+    closed = [r for r in data["runs"]
+              if not r.get("target_rate") and r.get("uvci", "client") == "client"]
     series = []
     for mode in sorted({r["mode"] for r in closed}):
         pts = sorted((r["connections"] * r["concurrency"], r["certificates_per_second"])
@@ -197,7 +209,7 @@ def plot(data, out):
     for r in picks:
         label = f"{r['mode']} {r['connections']}x{r['concurrency']}"
         if r.get("target_rate"):
-            label = f"open loop {r['target_rate']:.0f}/s"
+            label = f"{r['mode']} open loop {r['target_rate']:.0f}/s"
         series.append((label, [(q * 100, ms) for q, ms in r["latency_ms"]["cdf"] if q < 1.0]))
     with open(os.path.join(out, "latency.svg"), "w") as f:
         f.write(svg("Latency distribution (quantiles)", "quantile (%)", "latency (ms)", series,

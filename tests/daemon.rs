@@ -830,9 +830,17 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
 #[test]
 fn the_load_generator_reports_verified_throughput() {
     let d = Daemon::start();
-    for mode in ["unary", "stream", "batch"] {
+    // Each mode; the client names the certificates, except in stream mode, where the daemon
+    // derives the UVCIs in the token.
+    for (mode, uvci) in [
+        ("unary", "client"),
+        ("stream", "daemon"),
+        ("batch", "client"),
+    ] {
         let out = d.dev.run(&[
             "load",
+            "--uvci",
+            uvci,
             "--batch",
             "4",
             "--state-dir",
@@ -860,6 +868,30 @@ fn the_load_generator_reports_verified_throughput() {
         assert!(
             r["latency_ms"]["p99"].as_f64().unwrap() >= r["latency_ms"]["p50"].as_f64().unwrap()
         );
+    }
+    // Open loop paces every mode: 100 certificates/s for 2 s is ~200, not as many as fit.
+    for mode in ["stream", "batch"] {
+        let out = d.dev.run(&[
+            "load",
+            "--state-dir",
+            d.dev.path().to_str().unwrap(),
+            "--addr",
+            &d.addr,
+            "--mode",
+            mode,
+            "--batch",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{mode}: {}", common::stderr(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ok = r["ok"].as_u64().unwrap();
+        assert!((150..=260).contains(&ok), "{mode} at 100/s for 2 s: {r}");
+        assert_eq!(r["errors"], json!({}));
     }
     // The CI floor on the daemon/raw ratio can fail: an impossible floor does, naming both rates.
     let out = d.dev.run(&[

@@ -47,6 +47,12 @@ pub struct LoadArgs {
     /// queueing counts. Without it: closed loop at full speed.
     #[arg(long)]
     rate: Option<f64>,
+    /// Who names each certificate: `client`, each request carries a UVCI of its own, unique
+    /// per run (as a front-end that numbers its certificates); `daemon`, requests carry none
+    /// and the daemon derives one in the token (HMAC-SHA256 over client and request id: one
+    /// more HSM operation per certificate).
+    #[arg(long, default_value = "client")]
+    uvci: UvciSource,
     /// Verify every Nth response's signature against the DSC from GetSigningInfo (0 = none).
     #[arg(long, default_value_t = 50)]
     verify_every: u64,
@@ -65,6 +71,12 @@ pub struct LoadArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum UvciSource {
+    Client,
+    Daemon,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,15 +125,41 @@ fn pick(n: u64) -> CertType {
     }
 }
 
-fn request(n: u64, run: &str, payloads: &BTreeMap<CertType, String>) -> pb::IssueRequest {
+/// The payload of each type, split where its UVCI goes (`None`: the payload has no UVCI and
+/// the daemon derives one).
+type Payloads = Arc<BTreeMap<CertType, (String, Option<String>)>>;
+
+/// The example payloads, with a UVCI placeholder when the client names the certificates.
+fn payloads(country: &str, uvci: UvciSource, now: time::OffsetDateTime) -> Payloads {
+    const MARK: &str = "URN:UVCI:01:XX:MARK";
+    let split = |t: CertType| {
+        let ci = (uvci == UvciSource::Client).then_some(MARK);
+        let json = super::example::example(t, country, ci, now).to_string();
+        match json.split_once(MARK) {
+            Some((head, tail)) => (head.to_string(), Some(tail.to_string())),
+            None => (json, None),
+        }
+    };
+    Arc::new(CertType::ALL.iter().map(|t| (*t, split(*t))).collect())
+}
+
+/// Request `n` of run `run`: the type by the mix, and its own UVCI when the client names the
+/// certificates (`URN:UVCI:01:<CC>:LOAD/<RUN>N<n>` with its check character).
+fn request(n: u64, run: &str, country: &str, payloads: &Payloads) -> pb::IssueRequest {
     let t = pick(n);
     let ty = pb::CertificateType::from(t);
+    let json = match &payloads[&t] {
+        (whole, None) => whole.clone(),
+        (head, Some(tail)) => {
+            let body = format!("URN:UVCI:01:{country}:LOAD/{}N{n}", run.to_uppercase());
+            let check = dccsign::dcc::uvci::luhn_mod38(&body).map(|c| format!("#{c}"));
+            format!("{head}{body}{}{tail}", check.unwrap_or_default())
+        }
+    };
     pb::IssueRequest {
         request_id: format!("{run}-{n}"),
         r#type: ty as i32,
-        payload: Some(pb::issue_request::Payload::PayloadJson(
-            payloads[&t].clone(),
-        )),
+        payload: Some(pb::issue_request::Payload::PayloadJson(json)),
         want_qr: 0,
     }
 }
@@ -256,16 +294,9 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             .ok_or("no [server] in config; give --addr")?,
     };
     let now = time::OffsetDateTime::now_utc();
-    let payloads: BTreeMap<CertType, String> = CertType::ALL
-        .iter()
-        .map(|t| {
-            (
-                *t,
-                super::example::example(*t, &cfg.issuer.country, None, now).to_string(),
-            )
-        })
-        .collect();
-    let run_id = format!("load-{:x}", rand::random::<u32>());
+    let payloads = payloads(&cfg.issuer.country, args.uvci, now);
+    let country = cfg.issuer.country.clone();
+    let run_id = format!("load{:08x}", rand::random::<u32>());
     let stats = Arc::new(Stats::default());
     let raw_before = if args.raw_hsm || args.min_ratio.is_some() {
         let bench = RawBench::open(&cfg)?;
@@ -334,6 +365,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 counter: counter.clone(),
                 payloads: payloads.clone(),
                 run: run_id.clone(),
+                country: country.clone(),
                 verify_every: args.verify_every,
                 rate: per_conn_rate,
             };
@@ -384,6 +416,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "connections": args.connections, "concurrency": args.concurrency,
         "batch": (args.mode == Mode::Batch).then_some(args.batch),
+        "uvci": format!("{:?}", args.uvci).to_lowercase(),
         "target_rate": args.rate, "seconds": elapsed.as_secs_f64(),
         "ok": ok, "certificates_per_second": rate,
         "latency_ms": {"p50": percentile(&lat, 0.50), "p90": percentile(&lat, 0.90),
@@ -407,10 +440,11 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         );
     } else {
         println!(
-            "{} mode, {} connections x {} in flight{}: {} certificates in {:.1} s = {:.0}/s",
+            "{} mode, {} connections x {} in flight, UVCIs by the {}{}: {} certificates in {:.1} s = {:.0}/s",
             summary["mode"].as_str().unwrap_or(""),
             args.connections,
             args.concurrency,
+            summary["uvci"].as_str().unwrap_or(""),
             args.rate
                 .map(|r| format!(", target {r}/s"))
                 .unwrap_or_default(),
@@ -497,8 +531,10 @@ struct Worker {
     stats: Arc<Stats>,
     trust: Arc<dccsign::cose::TrustStore>,
     counter: Arc<AtomicU64>,
-    payloads: BTreeMap<CertType, String>,
+    payloads: Payloads,
     run: String,
+    /// The issuing country, for the UVCIs the client gives.
+    country: String,
     verify_every: u64,
     /// Open-loop rate of this connection in certificates/s (`None`: closed loop).
     rate: Option<f64>,
@@ -566,6 +602,7 @@ async fn unary(w: Worker) {
         counter,
         payloads,
         run,
+        country,
         verify_every,
         rate,
     } = w;
@@ -577,7 +614,7 @@ async fn unary(w: Worker) {
             break;
         };
         let n = counter.fetch_add(1, Ordering::Relaxed);
-        let req = request(n, &run, &payloads);
+        let req = request(n, &run, &country, &payloads);
         let mut c = dccsign::api::client::issuance(ch.clone());
         let (stats, trust) = (stats.clone(), trust.clone());
         tokio::spawn(async move {
@@ -644,7 +681,7 @@ fn spawn_sender<M: Send + 'static>(
     wrap: impl Fn(u64, Vec<pb::IssueRequest>) -> (String, M) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let (deadline, counter) = (w.deadline, w.counter.clone());
-    let (payloads, run) = (w.payloads.clone(), w.run.clone());
+    let (payloads, run, country) = (w.payloads.clone(), w.run.clone(), w.country.clone());
     let mut pace = Pace::new(w.rate, size);
     tokio::spawn(async move {
         while Instant::now() < deadline {
@@ -654,7 +691,7 @@ fn spawn_sender<M: Send + 'static>(
             let t0 = if pace.open() { due } else { Instant::now() };
             let first = counter.fetch_add(size as u64, Ordering::Relaxed);
             let items = (first..first + size as u64)
-                .map(|n| request(n, &run, &payloads))
+                .map(|n| request(n, &run, &country, &payloads))
                 .collect();
             let (key, msg) = wrap(first, items);
             started
