@@ -114,11 +114,16 @@ def machine():
     return f"{os.cpu_count()} vCPU {cpu}"
 
 
+def cpu(run):
+    m = run.get("machine")
+    return f"{m['busy_cpus']:.2f} / {m['stolen_cpus']:.2f}" if m else "—"
+
+
 def table(data):
     raw = data["raw_hsm"]["signatures_per_second"]
     rows = ["| mode | UVCI by | connections × in flight | target rate | certificates/s "
-            "| daemon/raw | p50 ms | p90 ms | p99 ms | p99.9 ms | daemon RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| daemon/raw | p50 ms | p90 ms | p99 ms | p99.9 ms | daemon RSS | CPUs busy / stolen |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["runs"]:
         lat = r["latency_ms"]
         rss = f"{r['daemon_rss_mib']:.1f} MiB" if r.get("daemon_rss_mib") else "—"
@@ -127,7 +132,8 @@ def table(data):
             f"| {r['mode']} | {r.get('uvci', 'daemon')} | {r['connections']} × {r['concurrency']} "
             f"| {target} | "
             f"{r['certificates_per_second']:,.0f} | {r['certificates_per_second'] / raw:.3f} | "
-            f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | {lat['p999']:.1f} | {rss} |"
+            f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | {lat['p999']:.1f} | {rss} | "
+            f"{cpu(r)} |"
             .replace(",", " "))
     return "\n".join(rows)
 

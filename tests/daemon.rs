@@ -868,6 +868,15 @@ fn the_load_generator_reports_verified_throughput() {
         assert!(
             r["latency_ms"]["p99"].as_f64().unwrap() >= r["latency_ms"]["p50"].as_f64().unwrap()
         );
+        // The machine's CPU use over the run: some busy, none beyond the CPUs there are.
+        let m = &r["machine"];
+        let cpus = m["cpus"].as_f64().unwrap();
+        let (busy, stolen) = (
+            m["busy_cpus"].as_f64().unwrap(),
+            m["stolen_cpus"].as_f64().unwrap(),
+        );
+        assert!(busy > 0.0 && stolen >= 0.0, "{m}");
+        assert!(busy + stolen <= cpus + 1e-9, "{m}");
     }
     // Open loop paces every mode: 100 certificates/s for 2 s is ~200, not as many as fit.
     for mode in ["stream", "batch"] {

@@ -316,7 +316,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         dir.join(format!("pki/clients/{}.key", args.as_client)),
         dir.join("pki/tls/ca.pem"),
     );
-    let elapsed = rt.block_on(async {
+    let (elapsed, cpu) = rt.block_on(async {
         let mut channels = Vec::new();
         for _ in 0..args.connections.max(1) {
             channels
@@ -334,6 +334,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         }
         let trust = Arc::new(trust);
         let counter = Arc::new(AtomicU64::new(0));
+        let cpu_before = cpu_times();
         let start = Instant::now();
         let deadline = start + Duration::from_secs(args.duration);
         let per_conn_rate = args.rate.map(|r| r / channels.len() as f64);
@@ -383,7 +384,9 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         }
         progress.abort();
         eprintln!();
-        Ok::<_, String>(start.elapsed())
+        let elapsed = start.elapsed();
+        let cpu = cpu_before.zip(cpu_times()).map(|(a, b)| b.since(a));
+        Ok::<_, String>((elapsed, cpu))
     })?;
 
     let raw = match raw_before {
@@ -432,6 +435,8 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             "session_copies_before_after": r.session_copies,
             "ratio_to_session_copies": rate / r.session_copies()})),
         "daemon_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+        "machine": cpu.map(|c| json!({"cpus": c.cpus, "busy_cpus": c.busy_cpus(),
+            "stolen_cpus": c.stolen_cpus()})),
     });
     if args.json {
         println!(
@@ -483,6 +488,14 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         if let Some(k) = rss_kib {
             println!("daemon RSS: {:.1} MiB", k as f64 / 1024.0);
         }
+        if let Some(c) = &cpu {
+            println!(
+                "machine during the run: {:.2} of {} CPUs busy (daemon, load generator and the rest), {:.2} stolen by the hypervisor",
+                c.busy_cpus(),
+                c.cpus,
+                c.stolen_cpus()
+            );
+        }
     }
     let mut failed =
         !errors.is_empty() || stats.verify_failures.load(Ordering::Relaxed) > 0 || ok == 0;
@@ -521,6 +534,74 @@ fn daemon_rss_kib() -> Option<u64> {
         }
     }
     (found.len() == 1).then(|| found[0])
+}
+
+/// The machine's CPU time (`/proc/stat`, clock ticks).
+#[derive(Debug, Clone, Copy)]
+struct CpuTimes {
+    /// user, nice, system, irq and softirq.
+    busy: u64,
+    /// Time the hypervisor ran something else while this VM's vCPUs wanted to run.
+    steal: u64,
+    /// All of it, idle and iowait included.
+    all: u64,
+}
+
+/// The machine's CPU use over the run.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    cpus: usize,
+    delta: CpuTimes,
+}
+
+impl CpuTimes {
+    fn since(self, before: CpuTimes) -> CpuUse {
+        CpuUse {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            delta: CpuTimes {
+                busy: self.busy.saturating_sub(before.busy),
+                steal: self.steal.saturating_sub(before.steal),
+                all: self.all.saturating_sub(before.all),
+            },
+        }
+    }
+}
+
+impl CpuUse {
+    fn share(&self, ticks: u64) -> f64 {
+        ticks as f64 / self.delta.all.max(1) as f64 * self.cpus as f64
+    }
+
+    /// CPUs' worth of busy time, whoever used it.
+    fn busy_cpus(&self) -> f64 {
+        self.share(self.delta.busy)
+    }
+
+    /// CPUs' worth of time the hypervisor took away: a run with much of it says more about the
+    /// host than about the daemon.
+    fn stolen_cpus(&self) -> f64 {
+        self.share(self.delta.steal)
+    }
+}
+
+/// The first line of `/proc/stat` (`None` elsewhere than Linux).
+fn cpu_times() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields.try_into().ok()?;
+    let busy = user + nice + system + irq + softirq;
+    Some(CpuTimes {
+        busy,
+        steal,
+        all: busy + idle + iowait + steal,
+    })
 }
 
 /// What every connection's worker shares.
