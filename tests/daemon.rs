@@ -830,6 +830,13 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
 #[test]
 fn the_load_generator_reports_verified_throughput() {
     let d = Daemon::start();
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    // `dccsign load` against this daemon, with these arguments.
+    let load = |args: &[&str]| {
+        let mut all = vec!["load", "--state-dir", &dir, "--addr", &d.addr];
+        all.extend_from_slice(args);
+        d.dev.run(&all)
+    };
     // Each mode; the client names the certificates, except in stream mode, where the daemon
     // derives the UVCIs in the token.
     for (mode, uvci) in [
@@ -837,16 +844,11 @@ fn the_load_generator_reports_verified_throughput() {
         ("stream", "daemon"),
         ("batch", "client"),
     ] {
-        let out = d.dev.run(&[
-            "load",
+        let out = load(&[
             "--uvci",
             uvci,
             "--batch",
             "4",
-            "--state-dir",
-            d.dev.path().to_str().unwrap(),
-            "--addr",
-            &d.addr,
             "--mode",
             mode,
             "--duration",
@@ -880,12 +882,7 @@ fn the_load_generator_reports_verified_throughput() {
     }
     // Open loop paces every mode: 100 certificates/s for 2 s is ~200, not as many as fit.
     for mode in ["stream", "batch"] {
-        let out = d.dev.run(&[
-            "load",
-            "--state-dir",
-            d.dev.path().to_str().unwrap(),
-            "--addr",
-            &d.addr,
+        let out = load(&[
             "--mode",
             mode,
             "--batch",
@@ -903,12 +900,7 @@ fn the_load_generator_reports_verified_throughput() {
         assert_eq!(r["errors"], json!({}));
     }
     // The CI floor on the daemon/raw ratio can fail: an impossible floor does, naming both rates.
-    let out = d.dev.run(&[
-        "load",
-        "--state-dir",
-        d.dev.path().to_str().unwrap(),
-        "--addr",
-        &d.addr,
+    let out = load(&[
         "--duration",
         "1",
         "--concurrency",
