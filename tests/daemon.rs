@@ -899,6 +899,10 @@ fn the_load_generator_reports_verified_throughput() {
         assert!((150..=260).contains(&ok), "{mode} at 100/s for 2 s: {r}");
         assert_eq!(r["errors"], json!({}));
     }
+    let out = load(&["--rate", "0", "--duration", "1"]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert!(err.contains("--rate must be a positive number"), "{err}");
     // The CI floor on the daemon/raw ratio can fail: an impossible floor does, naming both rates.
     let out = load(&[
         "--duration",

@@ -283,6 +283,9 @@ impl RawBench {
 }
 
 fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err("--rate must be a positive number of certificates per second".into());
+    }
     let cfg = Config::load(&args.state_dir.join("dccsign.toml")).map_err(|e| e.to_string())?;
     cfg.export_softhsm_env();
     let addr = match &args.addr {

@@ -110,11 +110,19 @@ impl SigningPool {
     }
 
     fn enqueue(&self, work: Work, slot: OwnedSemaphorePermit) -> Result<(), HsmError> {
-        let tx = self.tx.as_ref().ok_or(HsmError::PoolClosed)?;
+        self.try_enqueue(work, slot)
+            .map_err(|_| HsmError::PoolClosed)
+    }
+
+    /// Queues a job; gives the work back when the pool is shutting down.
+    fn try_enqueue(&self, work: Work, slot: OwnedSemaphorePermit) -> Result<(), Work> {
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(work);
+        };
         metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
         // Never full: every queued job holds one of the `queue` permits.
         tx.try_send(Job { work, _slot: slot })
-            .map_err(|_| HsmError::PoolClosed)
+            .map_err(|e| e.into_inner().work)
     }
 
     async fn slot(&self) -> Result<OwnedSemaphorePermit, HsmError> {
@@ -160,28 +168,13 @@ impl SigningPool {
     /// runs exactly once: on a worker thread with the result, or here with
     /// [`HsmError::PoolClosed`] when the pool is shutting down.
     pub fn submit_in(&self, slot: QueueSlot, key: &KeyHandle, digest: [u8; 32], reply: SignReply) {
-        let job = Job {
-            work: Work::Sign {
-                key: key.private,
-                digest,
-                direct: false,
-                reply,
-            },
-            _slot: slot.0,
+        let work = Work::Sign {
+            key: key.private,
+            digest,
+            direct: false,
+            reply,
         };
-        let refused = match self.tx.as_ref() {
-            Some(tx) => {
-                metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
-                // Never full: every queued job holds one of the `queue` permits.
-                tx.try_send(job).err().map(|e| e.into_inner())
-            }
-            None => Some(job),
-        };
-        if let Some(Job {
-            work: Work::Sign { reply, .. },
-            ..
-        }) = refused
-        {
+        if let Err(Work::Sign { reply, .. }) = self.try_enqueue(work, slot.0) {
             reply(Err(HsmError::PoolClosed));
         }
     }
