@@ -86,6 +86,14 @@ impl Checkpointer {
     }
 }
 
+impl Checkpointer {
+    /// Lets the thread end on its own (when the writer's [`Poker`] is dropped) instead of
+    /// waiting for it.
+    pub(super) fn detach(mut self) {
+        self.thread.take();
+    }
+}
+
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {

@@ -460,9 +460,20 @@ fn write_release(c: &Connection, id: ReservationId) -> Result<(), LedgerError> {
 impl Drop for SqliteLedger {
     fn drop(&mut self) {
         self.writer.take();
-        if let Some(t) = self.writer_thread.take() {
-            let _ = t.join();
+        let Some(t) = self.writer_thread.take() else {
+            return;
+        };
+        if t.thread().id() == std::thread::current().id() {
+            // A reply running on the writer thread held the last handle (the issuance chain's
+            // replies own handles). The writer cannot wait for itself, nor for the
+            // checkpointer, which stops after the writer: both end on their own once the
+            // queue is empty and closed.
+            if let Some(c) = self.checkpointer.take() {
+                c.detach();
+            }
+            return;
         }
+        let _ = t.join();
         self.checkpointer.take();
     }
 }
@@ -792,6 +803,41 @@ mod tests {
         drop(l);
         let l = SqliteLedger::open(&path).unwrap();
         assert_eq!(l.counts().unwrap(), counts);
+    }
+
+    /// A reply on the writer thread may drop the last handle of the ledger (the issuance
+    /// chain's replies own handles): the ledger then closes without waiting for its own thread.
+    #[test]
+    fn the_last_handle_dropped_by_a_reply_on_the_writer_thread_closes_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::sync::Arc::new(SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap());
+        // Hold the writer in a reply until the test has let go of its own handle.
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        l.submit(
+            LedgerWrite::Reserve(res(1), None),
+            Box::new(move |r| {
+                r.unwrap();
+                go_rx.recv().unwrap();
+            }),
+        );
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let last = l.clone();
+        l.submit(
+            LedgerWrite::Reserve(res(2), None),
+            Box::new(move |r| {
+                drop(last);
+                done_tx.send(r.map(|_| ())).unwrap();
+            }),
+        );
+        drop(l);
+        go_tx.send(()).unwrap();
+        let r = done_rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the reply that dropped the last handle did not finish");
+        assert!(r.is_ok(), "{r:?}");
+        // The rows are there for the next opener.
+        let l = SqliteLedger::open(&dir.path().join("l.sqlite")).unwrap();
+        assert_eq!(l.counts().unwrap().reserved, 2);
     }
 
     #[test]
