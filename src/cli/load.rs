@@ -125,12 +125,19 @@ fn pick(n: u64) -> CertType {
     }
 }
 
-/// The payload of each type, split where its UVCI goes (`None`: the payload has no UVCI and
-/// the daemon derives one).
-type Payloads = Arc<BTreeMap<CertType, (String, Option<String>)>>;
+/// What the requests of a run are made of, built once.
+struct Templates {
+    /// The payload of each type, split where its UVCI goes (`None`: the payload has no UVCI
+    /// and the daemon derives one).
+    by_type: BTreeMap<CertType, (String, Option<String>)>,
+    /// The client's UVCIs up to the request number: `URN:UVCI:01:<CC>:LOAD/<RUN>N`.
+    uvci_prefix: String,
+}
+
+type Payloads = Arc<Templates>;
 
 /// The example payloads, with a UVCI placeholder when the client names the certificates.
-fn payloads(country: &str, uvci: UvciSource, now: time::OffsetDateTime) -> Payloads {
+fn payloads(country: &str, uvci: UvciSource, run: &str, now: time::OffsetDateTime) -> Payloads {
     const MARK: &str = "URN:UVCI:01:XX:MARK";
     let split = |t: CertType| {
         let ci = (uvci == UvciSource::Client).then_some(MARK);
@@ -140,18 +147,21 @@ fn payloads(country: &str, uvci: UvciSource, now: time::OffsetDateTime) -> Paylo
             None => (json, None),
         }
     };
-    Arc::new(CertType::ALL.iter().map(|t| (*t, split(*t))).collect())
+    Arc::new(Templates {
+        by_type: CertType::ALL.iter().map(|t| (*t, split(*t))).collect(),
+        uvci_prefix: format!("URN:UVCI:01:{country}:LOAD/{}N", run.to_uppercase()),
+    })
 }
 
 /// Request `n` of run `run`: the type by the mix, and its own UVCI when the client names the
 /// certificates (`URN:UVCI:01:<CC>:LOAD/<RUN>N<n>` with its check character).
-fn request(n: u64, run: &str, country: &str, payloads: &Payloads) -> pb::IssueRequest {
+fn request(n: u64, run: &str, payloads: &Payloads) -> pb::IssueRequest {
     let t = pick(n);
     let ty = pb::CertificateType::from(t);
-    let json = match &payloads[&t] {
+    let json = match &payloads.by_type[&t] {
         (whole, None) => whole.clone(),
         (head, Some(tail)) => {
-            let body = format!("URN:UVCI:01:{country}:LOAD/{}N{n}", run.to_uppercase());
+            let body = format!("{}{n}", payloads.uvci_prefix);
             let check = dccsign::dcc::uvci::luhn_mod38(&body).map(|c| format!("#{c}"));
             format!("{head}{body}{}{tail}", check.unwrap_or_default())
         }
@@ -297,9 +307,8 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             .ok_or("no [server] in config; give --addr")?,
     };
     let now = time::OffsetDateTime::now_utc();
-    let payloads = payloads(&cfg.issuer.country, args.uvci, now);
-    let country = cfg.issuer.country.clone();
     let run_id = format!("load{:08x}", rand::random::<u32>());
+    let payloads = payloads(&cfg.issuer.country, args.uvci, &run_id, now);
     let stats = Arc::new(Stats::default());
     let raw_before = if args.raw_hsm || args.min_ratio.is_some() {
         let bench = RawBench::open(&cfg)?;
@@ -369,7 +378,6 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 counter: counter.clone(),
                 payloads: payloads.clone(),
                 run: run_id.clone(),
-                country: country.clone(),
                 verify_every: args.verify_every,
                 rate: per_conn_rate,
             };
@@ -617,8 +625,6 @@ struct Worker {
     counter: Arc<AtomicU64>,
     payloads: Payloads,
     run: String,
-    /// The issuing country, for the UVCIs the client gives.
-    country: String,
     verify_every: u64,
     /// Open-loop rate of this connection in certificates/s (`None`: closed loop).
     rate: Option<f64>,
@@ -686,7 +692,6 @@ async fn unary(w: Worker) {
         counter,
         payloads,
         run,
-        country,
         verify_every,
         rate,
     } = w;
@@ -698,7 +703,7 @@ async fn unary(w: Worker) {
             break;
         };
         let n = counter.fetch_add(1, Ordering::Relaxed);
-        let req = request(n, &run, &country, &payloads);
+        let req = request(n, &run, &payloads);
         let mut c = dccsign::api::client::issuance(ch.clone());
         let (stats, trust) = (stats.clone(), trust.clone());
         tokio::spawn(async move {
@@ -765,7 +770,7 @@ fn spawn_sender<M: Send + 'static>(
     wrap: impl Fn(u64, Vec<pb::IssueRequest>) -> (String, M) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let (deadline, counter) = (w.deadline, w.counter.clone());
-    let (payloads, run, country) = (w.payloads.clone(), w.run.clone(), w.country.clone());
+    let (payloads, run) = (w.payloads.clone(), w.run.clone());
     let mut pace = Pace::new(w.rate, size);
     tokio::spawn(async move {
         while Instant::now() < deadline {
@@ -775,7 +780,7 @@ fn spawn_sender<M: Send + 'static>(
             let t0 = if pace.open() { due } else { Instant::now() };
             let first = counter.fetch_add(size as u64, Ordering::Relaxed);
             let items = (first..first + size as u64)
-                .map(|n| request(n, &run, &country, &payloads))
+                .map(|n| request(n, &run, &payloads))
                 .collect();
             let (key, msg) = wrap(first, items);
             started
