@@ -91,7 +91,7 @@ def sweep(args):
             # Per mode, open loop at half of its best closed-loop rate.
             for mode in modes:
                 best = max(r["certificates_per_second"] for r in runs
-                           if r["mode"] == mode and r.get("uvci", "client") == "client")
+                           if r["mode"] == mode and uvci_of(r) == "client")
                 runs.append(load(binary, state, addr, mode, args.connections, 128,
                                  args.duration, rate=round(best / 2)))
     finally:
@@ -114,6 +114,11 @@ def machine():
     return f"{os.cpu_count()} vCPU {cpu}"
 
 
+def uvci_of(run):
+    """Who named the run's certificates (runs recorded before the option existed: the daemon)."""
+    return run.get("uvci", "daemon")
+
+
 def cpu(run):
     m = run.get("machine")
     return f"{m['busy_cpus']:.2f} / {m['stolen_cpus']:.2f}" if m else "—"
@@ -129,7 +134,7 @@ def table(data):
         rss = f"{r['daemon_rss_mib']:.1f} MiB" if r.get("daemon_rss_mib") else "—"
         target = f"{r['target_rate']:.0f}/s open loop" if r.get("target_rate") else "closed loop"
         rows.append(
-            f"| {r['mode']} | {r.get('uvci', 'daemon')} | {r['connections']} × {r['concurrency']} "
+            f"| {r['mode']} | {uvci_of(r)} | {r['connections']} × {r['concurrency']} "
             f"| {target} | "
             f"{r['certificates_per_second']:,.0f} | {r['certificates_per_second'] / raw:.3f} | "
             f"{lat['p50']:.1f} | {lat['p90']:.1f} | {lat['p99']:.1f} | {lat['p999']:.1f} | {rss} | "
@@ -195,8 +200,10 @@ def svg(title, xlabel, ylabel, series, hlines=(), xlog=False, xticks=None):
 
 def plot(data, out):
     raw = data["raw_hsm"]["signatures_per_second"]
-    closed = [r for r in data["runs"]
-              if not r.get("target_rate") and r.get("uvci", "client") == "client"]
+    closed = [r for r in data["runs"] if not r.get("target_rate")]
+    # The sweep's own UVCI source; the extra run with the other one is not a point of the curve.
+    main = uvci_of(closed[0]) if closed else "client"
+    closed = [r for r in closed if uvci_of(r) == main]
     series = []
     for mode in sorted({r["mode"] for r in closed}):
         pts = sorted((r["connections"] * r["concurrency"], r["certificates_per_second"])
