@@ -133,8 +133,9 @@ impl SigningPool {
             .map_err(|_| HsmError::PoolClosed)
     }
 
-    /// Queues a signature over a SHA-256 digest; `reply` runs on the worker thread with the
-    /// result. Returns [`HsmError::Overloaded`] at once when the queue is full.
+    /// Queues a signature over a SHA-256 digest; `reply` runs once, with the result (or
+    /// [`HsmError::PoolClosed`], like [`SigningPool::submit_in`]). Returns
+    /// [`HsmError::Overloaded`] at once when the queue is full (then `reply` never runs).
     pub fn submit(
         &self,
         key: &KeyHandle,
@@ -146,17 +147,8 @@ impl SigningPool {
             .clone()
             .try_acquire_owned()
             .map_err(|_| HsmError::Overloaded)?;
-        let key = key.private;
-        let direct = false;
-        self.enqueue(
-            Work::Sign {
-                key,
-                digest,
-                direct,
-                reply,
-            },
-            slot,
-        )
+        self.submit_in(QueueSlot(slot), key, digest, reply);
+        Ok(())
     }
 
     /// Waits (asynchronously) for room in the queue and keeps it for one job.
