@@ -1,6 +1,7 @@
 //! CWT claims of a health certificate: `{1: iss, 4: exp, 6: iat, -260: {1: DCC}}`.
 
 use ciborium::Value;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::CoseError;
 
@@ -24,6 +25,28 @@ pub struct CwtClaims {
     pub hcert: Value,
 }
 
+/// The claims map `{1: iss, 4: exp, 6: iat, -260: {1: DCC}}`, the layout [`CwtClaims::to_cbor_bytes`]
+/// writes (ciborium encodes the integer keys as CBOR integers of the shortest form).
+impl Serialize for CwtClaims {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        /// `{1: DCC}`, the hcert claim's value.
+        struct Hcert<'a>(&'a Value);
+        impl Serialize for Hcert<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry(&1i64, self.0)?;
+                m.end()
+            }
+        }
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry(&ISS, &self.iss)?;
+        m.serialize_entry(&EXP, &self.exp)?;
+        m.serialize_entry(&IAT, &self.iat)?;
+        m.serialize_entry(&HCERT, &Hcert(&self.hcert))?;
+        m.end()
+    }
+}
+
 /// Claims as read from foreign data: anything may be missing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedClaims {
@@ -38,20 +61,12 @@ pub struct DecodedClaims {
 }
 
 impl CwtClaims {
-    /// Deterministic CBOR: keys in the order 1, 4, 6, -260.
+    /// Deterministic CBOR: keys in the order 1, 4, 6, -260. Serialised straight from the
+    /// fields (the DCC map is not copied into a claims tree first).
     pub fn to_cbor_bytes(&self) -> Vec<u8> {
-        let map = Value::Map(vec![
-            (Value::Integer(ISS.into()), Value::Text(self.iss.clone())),
-            (Value::Integer(EXP.into()), Value::Integer(self.exp.into())),
-            (Value::Integer(IAT.into()), Value::Integer(self.iat.into())),
-            (
-                Value::Integer(HCERT.into()),
-                Value::Map(vec![(Value::Integer(1.into()), self.hcert.clone())]),
-            ),
-        ]);
         let mut out = Vec::with_capacity(512);
-        // Serialising a Value into a Vec cannot fail.
-        let _ = ciborium::ser::into_writer(&map, &mut out);
+        // Serialising integers, text and a Value into a Vec cannot fail.
+        let _ = ciborium::ser::into_writer(self, &mut out);
         out
     }
 
@@ -150,5 +165,61 @@ mod tests {
         assert_eq!(b[12], 0x1a, "iat must be a CBOR unsigned integer");
         assert_eq!(&b[17..20], &[0x39, 0x01, 0x03]);
         assert_eq!(CwtClaims::from_cbor_bytes(&b).unwrap(), c);
+    }
+
+    #[test]
+    fn claims_serialise_to_the_bytes_of_the_claims_tree() {
+        // The same claims as one ciborium Value tree, the way they were built before: the
+        // bytes must not change, whatever the sizes of the integers and strings.
+        let dcc = Value::Map(vec![
+            (Value::Text("ver".into()), Value::Text("1.3.0".into())),
+            (
+                Value::Text("nam".into()),
+                Value::Map(vec![(
+                    Value::Text("fn".into()),
+                    Value::Text("Åström".into()),
+                )]),
+            ),
+            (
+                Value::Text("v".into()),
+                Value::Array(vec![Value::Map(vec![
+                    (Value::Text("dn".into()), Value::Integer(2.into())),
+                    (Value::Text("sd".into()), Value::Integer(300.into())),
+                ])]),
+            ),
+        ]);
+        for (iss, iat, exp) in [
+            ("SE", 0, 23),
+            ("XA", 24, 255),
+            ("DE", 1_700_000_000, 1_700_259_200),
+            (
+                "a very long issuer name, over twenty-three bytes",
+                65_535,
+                u64::MAX,
+            ),
+        ] {
+            let c = CwtClaims {
+                iss: iss.into(),
+                iat,
+                exp,
+                hcert: dcc.clone(),
+            };
+            let tree = Value::Map(vec![
+                (Value::Integer(ISS.into()), Value::Text(iss.into())),
+                (Value::Integer(EXP.into()), Value::Integer(exp.into())),
+                (Value::Integer(IAT.into()), Value::Integer(iat.into())),
+                (
+                    Value::Integer(HCERT.into()),
+                    Value::Map(vec![(Value::Integer(1.into()), dcc.clone())]),
+                ),
+            ]);
+            let mut expected = Vec::new();
+            ciborium::ser::into_writer(&tree, &mut expected).unwrap();
+            assert_eq!(
+                c.to_cbor_bytes(),
+                expected,
+                "iss {iss}, iat {iat}, exp {exp}"
+            );
+        }
     }
 }
