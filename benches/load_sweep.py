@@ -8,7 +8,9 @@
 One release daemon on a development state directory (created with `dev-init` unless
 --state-dir names an existing one, e.g. a ledger pre-filled by fill_ledger.py), then for each mode
 (unary, stream) and each number of requests in flight per connection, a closed-loop run over 2
-connections, then the highest level over 3 and 4 connections (--wide); the last run also
+connections, then the highest level over 3, 4, 8 and 16 connections (--wide; the sweep raises the
+daemon's per-client limit `max_in_flight_per_client` in the state directory's dccsign.toml when
+the widest run needs more than it allows, and says so); the last run also
 measures the raw SoftHSM rate (--raw-hsm, same thread count as the daemon's pool). The client
 names the certificates (unique UVCIs in the payloads); one more stream run at the highest level
 has the daemon derive them in the token instead (--uvci daemon). Then, per mode, an open-loop
@@ -71,12 +73,13 @@ def sweep(args):
     if not os.path.exists(os.path.join(state, "dccsign.toml")):
         subprocess.run([binary, "dev-init", "--state-dir", state], check=True,
                        stdout=subprocess.DEVNULL)
+    levels = [int(x) for x in args.levels.split(",")]
+    wide = [int(x) for x in args.wide.split(",") if x]
+    modes = args.modes.split(",")
+    allow_in_flight(state, max([args.connections] + wide) * levels[-1])
     proc, addr = start_daemon(binary, state)
     runs = []
     try:
-        levels = [int(x) for x in args.levels.split(",")]
-        wide = [int(x) for x in args.wide.split(",") if x]
-        modes = args.modes.split(",")
         for mode in modes:
             # Per-connection levels on --connections, then the top level on more connections.
             plan = [(args.connections, k) for k in levels] + [(c, levels[-1]) for c in wide]
@@ -100,6 +103,26 @@ def sweep(args):
     raw = next(r["raw_hsm"] for r in runs if r.get("raw_hsm"))
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "raw_hsm": raw,
             "state_dir_reused": bool(args.state_dir), "runs": runs}
+
+
+def allow_in_flight(state, needed):
+    """Raises `max_in_flight_per_client` in STATE/dccsign.toml to NEEDED if it is lower, so that
+    the widest run is not refused (`2-60-5005`), and says so on stderr."""
+    path = os.path.join(state, "dccsign.toml")
+    text = open(path).read()
+    m = re.search(r"(?m)^max_in_flight_per_client\s*=\s*(\d+)\s*$", text)
+    current = int(m.group(1)) if m else 256
+    if current >= needed:
+        return
+    line = f"max_in_flight_per_client = {needed}"
+    if m:
+        text = text[:m.start()] + line + text[m.end():]
+    else:
+        text = re.sub(r"(?m)^\[server\]\s*$", "[server]\n" + line, text, count=1)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"the sweep raised max_in_flight_per_client from {current} to {needed} in {path}",
+          file=sys.stderr)
 
 
 def machine():
@@ -215,8 +238,9 @@ def plot(data, out):
                     "certificates per second", series,
                     hlines=[(f"raw HSM {raw:,.0f}/s".replace(",", " "), raw),
                             ("70 % of raw", 0.7 * raw)], xlog=True))
-    picks = [r for r in closed if r["mode"] == "stream"][-1:] + \
-            [r for r in closed if r["mode"] == "unary"][-1:] + \
+    # Per mode its fastest closed-loop run (saturation), then the open-loop runs.
+    picks = [max((r for r in closed if r["mode"] == m), key=lambda r: r["certificates_per_second"])
+             for m in ("stream", "unary") if any(r["mode"] == m for r in closed)] + \
             [r for r in data["runs"] if r.get("target_rate")]
     series = []
     for r in picks:
@@ -237,9 +261,9 @@ def main():
     p.add_argument("--modes", default="unary,stream")
     p.add_argument("--levels", default="1,4,16,64", help="requests in flight per connection")
     p.add_argument("--connections", type=int, default=2)
-    p.add_argument("--wide", default="3,4",
-                   help="more connections at the top level (4 x 64 = the default per-client "
-                        "limit of 256 in flight); empty for none")
+    p.add_argument("--wide", default="3,4,8,16",
+                   help="more connections at the top level (4 x 64 = 256 is the default "
+                        "per-client limit; the sweep raises it for wider runs); empty for none")
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--no-open-loop", action="store_true")
     p.add_argument("--name", default="sweep", help="result file name (NAME.json)")
