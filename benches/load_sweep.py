@@ -28,6 +28,10 @@ import sys
 import tempfile
 import time
 
+# Requests in flight per connection allowed to the open-loop runs (room for queueing; the rate,
+# not this number, sets the load).
+OPEN_LOOP_IN_FLIGHT = 128
+
 
 def start_daemon(binary, state_dir):
     out = open(os.path.join(state_dir, "sweep-serve.out"), "w+")
@@ -76,7 +80,11 @@ def sweep(args):
     levels = [int(x) for x in args.levels.split(",")]
     wide = [int(x) for x in args.wide.split(",") if x]
     modes = args.modes.split(",")
-    allow_in_flight(state, max([args.connections] + wide) * levels[-1])
+    # The most requests in flight of any run: the widest closed-loop run, or an open-loop one.
+    needed = max([args.connections] + wide) * levels[-1]
+    if not args.no_open_loop:
+        needed = max(needed, args.connections * OPEN_LOOP_IN_FLIGHT)
+    allow_in_flight(state, needed)
     proc, addr = start_daemon(binary, state)
     runs = []
     try:
@@ -95,7 +103,7 @@ def sweep(args):
             for mode in modes:
                 best = max(r["certificates_per_second"] for r in runs
                            if r["mode"] == mode and uvci_of(r) == "client")
-                runs.append(load(binary, state, addr, mode, args.connections, 128,
+                runs.append(load(binary, state, addr, mode, args.connections, OPEN_LOOP_IN_FLIGHT,
                                  args.duration, rate=round(best / 2)))
     finally:
         proc.terminate()
