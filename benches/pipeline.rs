@@ -52,7 +52,7 @@ fn stages(c: &mut Criterion) {
                 iss: "SE".into(),
                 iat: 1_800_000_000,
                 exp: 1_823_328_000,
-                hcert: black_box(&d).to_cbor(),
+                hcert: black_box(&d),
             }
             .to_cbor_bytes()
         })
@@ -62,7 +62,7 @@ fn stages(c: &mut Criterion) {
         iss: "SE".into(),
         iat: 1_800_000_000,
         exp: 1_823_328_000,
-        hcert: d.to_cbor(),
+        hcert: &d,
     }
     .to_cbor_bytes();
     let header = ProtectedHeader::es256([1, 2, 3, 4, 5, 6, 7, 8]);

@@ -12,9 +12,10 @@ const IAT: i64 = 6;
 const HCERT: i64 = -260;
 
 /// The claims we issue. `iat`/`exp` are CBOR unsigned integers (NumericDate; floats were a
-/// real-world bug).
+/// real-world bug). `H` is the DCC: anything that serialises as its map — a
+/// [`crate::dcc::Dcc`] (or a reference to one) when issuing, a CBOR [`Value`] when read back.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CwtClaims {
+pub struct CwtClaims<H = Value> {
     /// Issuing country.
     pub iss: String,
     /// Issued at, Unix seconds.
@@ -22,16 +23,16 @@ pub struct CwtClaims {
     /// Expiry, Unix seconds.
     pub exp: u64,
     /// The DCC map, placed under `hcert {1: …}`.
-    pub hcert: Value,
+    pub hcert: H,
 }
 
 /// The claims map `{1: iss, 4: exp, 6: iat, -260: {1: DCC}}`, the layout [`CwtClaims::to_cbor_bytes`]
 /// writes (ciborium encodes the integer keys as CBOR integers of the shortest form).
-impl Serialize for CwtClaims {
+impl<H: Serialize> Serialize for CwtClaims<H> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         /// `{1: DCC}`, the hcert claim's value.
-        struct Hcert<'a>(&'a Value);
-        impl Serialize for Hcert<'_> {
+        struct Hcert<'a, H>(&'a H);
+        impl<H: Serialize> Serialize for Hcert<'_, H> {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut m = s.serialize_map(Some(1))?;
                 m.serialize_entry(&1i64, self.0)?;
@@ -60,16 +61,18 @@ pub struct DecodedClaims {
     pub dcc: Option<Value>,
 }
 
-impl CwtClaims {
+impl<H: Serialize> CwtClaims<H> {
     /// Deterministic CBOR: keys in the order 1, 4, 6, -260. Serialised straight from the
-    /// fields (the DCC map is not copied into a claims tree first).
+    /// fields (neither the claims nor the DCC map are copied into a tree first).
     pub fn to_cbor_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
-        // Serialising integers, text and a Value into a Vec cannot fail.
+        // Integers, text and a DCC map into a Vec: cannot fail.
         let _ = ciborium::ser::into_writer(self, &mut out);
         out
     }
+}
 
+impl CwtClaims {
     /// Strict reader for claims we issued: all four claims present with the right types.
     pub fn from_cbor_bytes(bytes: &[u8]) -> Result<Self, CoseError> {
         let d = DecodedClaims::from_cbor_bytes(bytes)?;

@@ -1,7 +1,8 @@
 //! The typed DCC payload (schema 1.3.x), built only from a validated JSON value.
 
 use ciborium::Value as Cbor;
-use serde_json::{Map, Value as Json};
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value as Json;
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime};
 
@@ -186,133 +187,333 @@ impl Dcc {
 
     /// The payload as JSON, fields in schema order, absent optional fields omitted.
     pub fn to_json(&self) -> Json {
-        self.build()
+        // A map of text keys, text and unsigned integers always converts.
+        serde_json::to_value(self).unwrap_or(Json::Null)
     }
 
-    /// The DCC map for the CWT's hcert claim: text keys, `dn`/`sd` unsigned integers, `sc`
-    /// untagged text. Built directly (no JSON in between: this runs for every signature).
+    /// The DCC map for the CWT's hcert claim as a CBOR tree: text keys, `dn`/`sd` unsigned
+    /// integers, `sc` untagged text. Issuing does not build it: it serialises the `Dcc` itself
+    /// ([`Dcc::to_cbor_bytes`], or as the `hcert` of a [`crate::cose::CwtClaims`]).
     pub fn to_cbor(&self) -> Cbor {
-        self.build()
+        Cbor::serialized(self).unwrap_or(Cbor::Null)
     }
 
-    /// [`Dcc::to_cbor`] serialised.
+    /// The DCC map in CBOR, written straight from the fields.
     pub fn to_cbor_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(384);
-        let _ = ciborium::ser::into_writer(&self.to_cbor(), &mut out);
+        // Text, unsigned integers and definite-length maps into a Vec: cannot fail.
+        let _ = ciborium::ser::into_writer(self, &mut out);
         out
     }
+}
 
-    /// One walk over the fields, in schema order, for both output forms.
-    fn build<T: Tree>(&self) -> T {
-        fn opt<T: Tree>(m: &mut Vec<(&'static str, T)>, k: &'static str, v: &Option<String>) {
+/// The DCC map in schema order — `ver`, `nam`, `dob`, then `v`, `t` or `r` holding an array of
+/// one entry — with absent optional fields left out. The one description of the layout: JSON
+/// ([`Dcc::to_json`]) and CBOR (the signed payload) are both written from it, the CBOR straight
+/// into the output buffer, without a tree in between (this runs for every signature).
+impl Serialize for Dcc {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use Field::{Text, Uint};
+        fn text(v: &Option<String>) -> Option<Field<'_>> {
+            v.as_deref().map(Field::Text)
+        }
+        let n = &self.nam;
+        let nam = Present([
+            ("fn", text(&n.family)),
+            ("fnt", text(&n.family_std)),
+            ("gn", text(&n.given)),
+            ("gnt", text(&n.given_std)),
+        ]);
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("ver", &self.ver)?;
+        m.serialize_entry("nam", &nam)?;
+        m.serialize_entry("dob", &self.dob)?;
+        match &self.statement {
+            Statement::Vaccination(v) => m.serialize_entry(
+                "v",
+                &[Present([
+                    ("tg", Some(Text(&v.tg))),
+                    ("vp", Some(Text(&v.vp))),
+                    ("mp", Some(Text(&v.mp))),
+                    ("ma", Some(Text(&v.ma))),
+                    ("dn", Some(Uint(v.dn))),
+                    ("sd", Some(Uint(v.sd))),
+                    ("dt", Some(Text(&v.dt))),
+                    ("co", Some(Text(&v.co))),
+                    ("is", Some(Text(&v.is))),
+                    ("ci", text(&v.ci)),
+                ])][..],
+            )?,
+            Statement::Test(t) => m.serialize_entry(
+                "t",
+                &[Present([
+                    ("tg", Some(Text(&t.tg))),
+                    ("tt", Some(Text(&t.tt))),
+                    ("nm", text(&t.nm)),
+                    ("ma", text(&t.ma)),
+                    ("sc", Some(Text(&t.sc))),
+                    ("tr", Some(Text(&t.tr))),
+                    ("tc", text(&t.tc)),
+                    ("co", Some(Text(&t.co))),
+                    ("is", Some(Text(&t.is))),
+                    ("ci", text(&t.ci)),
+                ])][..],
+            )?,
+            Statement::Recovery(r) => m.serialize_entry(
+                "r",
+                &[Present([
+                    ("tg", Some(Text(&r.tg))),
+                    ("fr", Some(Text(&r.fr))),
+                    ("co", Some(Text(&r.co))),
+                    ("is", Some(Text(&r.is))),
+                    ("df", Some(Text(&r.df))),
+                    ("du", Some(Text(&r.du))),
+                    ("ci", text(&r.ci)),
+                ])][..],
+            )?,
+        }
+        m.end()
+    }
+}
+
+/// One field's value: text or an unsigned integer (`dn`, `sd`).
+#[derive(Clone, Copy)]
+enum Field<'a> {
+    Text(&'a str),
+    Uint(u64),
+}
+
+impl Serialize for Field<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Field::Text(t) => s.serialize_str(t),
+            Field::Uint(n) => s.serialize_u64(n),
+        }
+    }
+}
+
+/// A map of the fields that are present, in the order given (a definite-length map in CBOR:
+/// the count is known before the first entry).
+struct Present<'a, const N: usize>([(&'static str, Option<Field<'a>>); N]);
+
+impl<const N: usize> Serialize for Present<'_, N> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let present = self.0.iter().filter(|(_, v)| v.is_some()).count();
+        let mut m = s.serialize_map(Some(present))?;
+        for (k, v) in &self.0 {
             if let Some(v) = v {
-                m.push((k, T::text(v)));
+                m.serialize_entry(k, v)?;
             }
         }
-        let mut nam = Vec::with_capacity(4);
-        opt(&mut nam, "fn", &self.nam.family);
-        opt(&mut nam, "fnt", &self.nam.family_std);
-        opt(&mut nam, "gn", &self.nam.given);
-        opt(&mut nam, "gnt", &self.nam.given_std);
-        let mut e: Vec<(&'static str, T)> = Vec::with_capacity(10);
-        let key = match &self.statement {
-            Statement::Vaccination(v) => {
-                e.push(("tg", T::text(&v.tg)));
-                e.push(("vp", T::text(&v.vp)));
-                e.push(("mp", T::text(&v.mp)));
-                e.push(("ma", T::text(&v.ma)));
-                e.push(("dn", T::uint(v.dn)));
-                e.push(("sd", T::uint(v.sd)));
-                e.push(("dt", T::text(&v.dt)));
-                e.push(("co", T::text(&v.co)));
-                e.push(("is", T::text(&v.is)));
-                opt(&mut e, "ci", &v.ci);
-                "v"
-            }
-            Statement::Test(t) => {
-                e.push(("tg", T::text(&t.tg)));
-                e.push(("tt", T::text(&t.tt)));
-                opt(&mut e, "nm", &t.nm);
-                opt(&mut e, "ma", &t.ma);
-                e.push(("sc", T::text(&t.sc)));
-                e.push(("tr", T::text(&t.tr)));
-                opt(&mut e, "tc", &t.tc);
-                e.push(("co", T::text(&t.co)));
-                e.push(("is", T::text(&t.is)));
-                opt(&mut e, "ci", &t.ci);
-                "t"
-            }
-            Statement::Recovery(r) => {
-                e.push(("tg", T::text(&r.tg)));
-                e.push(("fr", T::text(&r.fr)));
-                e.push(("co", T::text(&r.co)));
-                e.push(("is", T::text(&r.is)));
-                e.push(("df", T::text(&r.df)));
-                e.push(("du", T::text(&r.du)));
-                opt(&mut e, "ci", &r.ci);
-                "r"
-            }
-        };
-        T::map(vec![
-            ("ver", T::text(&self.ver)),
-            ("nam", T::map(nam)),
-            ("dob", T::text(&self.dob)),
-            (key, T::array(vec![T::map(e)])),
-        ])
-    }
-}
-
-/// The two trees a `Dcc` is written as: JSON and CBOR.
-trait Tree: Sized {
-    fn text(s: &str) -> Self;
-    fn uint(n: u64) -> Self;
-    fn map(entries: Vec<(&'static str, Self)>) -> Self;
-    fn array(items: Vec<Self>) -> Self;
-}
-
-impl Tree for Json {
-    fn text(s: &str) -> Self {
-        Json::String(s.to_string())
-    }
-    fn uint(n: u64) -> Self {
-        Json::from(n)
-    }
-    fn map(entries: Vec<(&'static str, Self)>) -> Self {
-        Json::Object(
-            entries
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect::<Map<_, _>>(),
-        )
-    }
-    fn array(items: Vec<Self>) -> Self {
-        Json::Array(items)
-    }
-}
-
-impl Tree for Cbor {
-    fn text(s: &str) -> Self {
-        Cbor::Text(s.to_string())
-    }
-    fn uint(n: u64) -> Self {
-        Cbor::Integer(n.into())
-    }
-    fn map(entries: Vec<(&'static str, Self)>) -> Self {
-        Cbor::Map(
-            entries
-                .into_iter()
-                .map(|(k, v)| (Cbor::Text(k.to_string()), v))
-                .collect(),
-        )
-    }
-    fn array(items: Vec<Self>) -> Self {
-        Cbor::Array(items)
+        m.end()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The DCC map as a ciborium tree, built field by field the way issuing built it before it
+    /// serialised the `Dcc` directly: the reference the direct bytes are checked against.
+    fn reference_tree(d: &Dcc) -> Cbor {
+        let t = |s: &str| Cbor::Text(s.to_string());
+        let map = |e: Vec<(&str, Option<Cbor>)>| {
+            Cbor::Map(
+                e.into_iter()
+                    .filter_map(|(k, v)| v.map(|v| (t(k), v)))
+                    .collect(),
+            )
+        };
+        let o = |v: &Option<String>| v.as_deref().map(t);
+        let n = &d.nam;
+        let (key, entry) = match &d.statement {
+            Statement::Vaccination(v) => (
+                "v",
+                map(vec![
+                    ("tg", Some(t(&v.tg))),
+                    ("vp", Some(t(&v.vp))),
+                    ("mp", Some(t(&v.mp))),
+                    ("ma", Some(t(&v.ma))),
+                    ("dn", Some(Cbor::Integer(v.dn.into()))),
+                    ("sd", Some(Cbor::Integer(v.sd.into()))),
+                    ("dt", Some(t(&v.dt))),
+                    ("co", Some(t(&v.co))),
+                    ("is", Some(t(&v.is))),
+                    ("ci", o(&v.ci)),
+                ]),
+            ),
+            Statement::Test(x) => (
+                "t",
+                map(vec![
+                    ("tg", Some(t(&x.tg))),
+                    ("tt", Some(t(&x.tt))),
+                    ("nm", o(&x.nm)),
+                    ("ma", o(&x.ma)),
+                    ("sc", Some(t(&x.sc))),
+                    ("tr", Some(t(&x.tr))),
+                    ("tc", o(&x.tc)),
+                    ("co", Some(t(&x.co))),
+                    ("is", Some(t(&x.is))),
+                    ("ci", o(&x.ci)),
+                ]),
+            ),
+            Statement::Recovery(r) => (
+                "r",
+                map(vec![
+                    ("tg", Some(t(&r.tg))),
+                    ("fr", Some(t(&r.fr))),
+                    ("co", Some(t(&r.co))),
+                    ("is", Some(t(&r.is))),
+                    ("df", Some(t(&r.df))),
+                    ("du", Some(t(&r.du))),
+                    ("ci", o(&r.ci)),
+                ]),
+            ),
+        };
+        map(vec![
+            ("ver", Some(t(&d.ver))),
+            (
+                "nam",
+                Some(map(vec![
+                    ("fn", o(&n.family)),
+                    ("fnt", o(&n.family_std)),
+                    ("gn", o(&n.given)),
+                    ("gnt", o(&n.given_std)),
+                ])),
+            ),
+            ("dob", Some(t(&d.dob))),
+            (key, Some(Cbor::Array(vec![entry]))),
+        ])
+    }
+
+    /// Payloads of every type, with every optional field present and with none, text of every
+    /// CBOR length class (0, < 24, < 256 and longer, non-ASCII) and doses of every integer size
+    /// (the largest above `u32`, below `i64::MAX`, which the decoder refuses above).
+    fn samples() -> Vec<Dcc> {
+        let long = "Å".repeat(150);
+        let mut out = Vec::new();
+        for full in [true, false] {
+            let some = |s: &str| full.then(|| s.to_string());
+            let nam = Name {
+                family: some("Åström-Löfgren, a surname longer than 23 bytes"),
+                family_std: some("ASTROEM<LOEFGREN"),
+                given: some(&long),
+                given_std: full.then(String::new),
+            };
+            let ci = some("URN:UVCI:01:SE:EHM/V12907267LAJW#E");
+            for (dn, sd) in [(1, 1), (23, 24), (255, 256), (65_536, 1 << 40)] {
+                out.push(Dcc {
+                    ver: "1.3.0".into(),
+                    nam: nam.clone(),
+                    dob: if full { "1958-11-11" } else { "" }.into(),
+                    statement: Statement::Vaccination(Vaccination {
+                        tg: "840539006".into(),
+                        vp: "1119349007".into(),
+                        mp: "EU/1/20/1528".into(),
+                        ma: "ORG-100030215".into(),
+                        dn,
+                        sd,
+                        dt: "2021-02-18".into(),
+                        co: "SE".into(),
+                        is: long.clone(),
+                        ci: ci.clone(),
+                    }),
+                });
+            }
+            out.push(Dcc {
+                ver: "1.3.2".into(),
+                nam: nam.clone(),
+                dob: "1958".into(),
+                statement: Statement::Test(Test {
+                    tg: "840539006".into(),
+                    tt: "LP217198-3".into(),
+                    nm: some("Roche LightCycler qPCR"),
+                    ma: some("1232"),
+                    sc: "2021-04-13T14:20:00+02:00".into(),
+                    tr: "260415000".into(),
+                    tc: some("Teststation Sättra"),
+                    co: "SE".into(),
+                    is: "E-hälsomyndigheten".into(),
+                    ci: ci.clone(),
+                }),
+            });
+            out.push(Dcc {
+                ver: "1.3.0".into(),
+                nam,
+                dob: "1958-11".into(),
+                statement: Statement::Recovery(Recovery {
+                    tg: "840539006".into(),
+                    fr: "2021-01-10".into(),
+                    co: "SE".into(),
+                    is: "E-hälsomyndigheten".into(),
+                    df: "2021-01-20".into(),
+                    du: "2021-07-09".into(),
+                    ci,
+                }),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn the_direct_cbor_is_the_bytes_of_the_reference_tree() {
+        for d in samples() {
+            let mut expected = Vec::new();
+            ciborium::ser::into_writer(&reference_tree(&d), &mut expected).unwrap();
+            assert_eq!(d.to_cbor_bytes(), expected, "{d:?}");
+            assert_eq!(d.to_cbor(), reference_tree(&d), "{d:?}");
+            // And as the hcert claim, the way issuing signs it.
+            fn claims<H: Serialize>(hcert: H) -> Vec<u8> {
+                crate::cose::CwtClaims {
+                    iss: "SE".into(),
+                    iat: 1_700_000_000,
+                    exp: 1_731_536_000,
+                    hcert,
+                }
+                .to_cbor_bytes()
+            }
+            assert_eq!(claims(&d), claims(reference_tree(&d)));
+        }
+    }
+
+    #[test]
+    fn json_has_the_values_and_the_order_of_the_cbor() {
+        // Key order at every level, as a list of paths (map equality ignores order).
+        fn json_paths(v: &Json, at: &str, out: &mut Vec<String>) {
+            match v {
+                Json::Object(m) => m.iter().for_each(|(k, v)| {
+                    out.push(format!("{at}.{k}"));
+                    json_paths(v, &format!("{at}.{k}"), out);
+                }),
+                Json::Array(a) => a
+                    .iter()
+                    .for_each(|v| json_paths(v, &format!("{at}[]"), out)),
+                _ => {}
+            }
+        }
+        fn cbor_paths(v: &Cbor, at: &str, out: &mut Vec<String>) {
+            match v {
+                Cbor::Map(m) => m.iter().for_each(|(k, v)| {
+                    let k = k.as_text().unwrap();
+                    out.push(format!("{at}.{k}"));
+                    cbor_paths(v, &format!("{at}.{k}"), out);
+                }),
+                Cbor::Array(a) => a
+                    .iter()
+                    .for_each(|v| cbor_paths(v, &format!("{at}[]"), out)),
+                _ => {}
+            }
+        }
+        for d in samples() {
+            let json = d.to_json();
+            let from_cbor = crate::dcc::cbor_to_json(&d.to_cbor_bytes()).unwrap();
+            assert_eq!(json, from_cbor, "{d:?}");
+            let (mut j, mut c) = (Vec::new(), Vec::new());
+            json_paths(&json, "$", &mut j);
+            cbor_paths(&reference_tree(&d), "$", &mut c);
+            assert_eq!(j, c, "{d:?}");
+        }
+    }
 
     #[test]
     fn iso_offsets() {

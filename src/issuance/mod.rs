@@ -508,7 +508,7 @@ impl Issuer {
             iss: self.settings.country.clone(),
             iat: rec.iat as u64,
             exp: rec.exp as u64,
-            hcert: dcc.to_cbor(),
+            hcert: &dcc,
         };
         let cose = cose::sign1::assemble(&header, &claims.to_cbor_bytes(), &signature);
         metrics::counter!("dccsign_idempotent_replays_total").increment(1);
@@ -537,7 +537,7 @@ impl Issuer {
             iss: self.settings.country.clone(),
             iat: iat as u64,
             exp: exp as u64,
-            hcert: dcc.to_cbor(),
+            hcert: dcc,
         };
         let payload = claims.to_cbor_bytes();
         let tbs = cose::sign1::sig_structure(&signer.header, &payload);
