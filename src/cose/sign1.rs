@@ -1,7 +1,8 @@
 //! COSE_Sign1 (RFC 8152 §4.2), tag 18, with alg and kid in the protected header.
 
-use ciborium::Value;
+use ciborium::tag::Required;
 use coset::{iana, CborSerializable, CoseSign1, Header, HeaderBuilder, TaggedCborSerializable};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use super::CoseError;
 
@@ -43,13 +44,6 @@ impl ProtectedHeader {
     pub fn kid(&self) -> [u8; 8] {
         self.kid
     }
-
-    fn coset(&self) -> coset::ProtectedHeader {
-        coset::ProtectedHeader {
-            original_data: Some(self.bytes.clone()),
-            header: Header::from_slice(&self.bytes).unwrap_or_default(),
-        }
-    }
 }
 
 /// The bytes to sign: CBOR `["Signature1", protected, h'', payload]`.
@@ -59,26 +53,49 @@ pub fn sig_structure(protected: &ProtectedHeader, payload: &[u8]) -> Vec<u8> {
 
 /// The Sig_structure over arbitrary protected-header bytes (verification of foreign data).
 pub fn sig_structure_raw(protected: &[u8], payload: &[u8]) -> Vec<u8> {
-    let arr = Value::Array(vec![
-        Value::Text("Signature1".into()),
-        Value::Bytes(protected.to_vec()),
-        Value::Bytes(Vec::new()),
-        Value::Bytes(payload.to_vec()),
-    ]);
-    let mut out = Vec::with_capacity(payload.len() + protected.len() + 16);
-    let _ = ciborium::ser::into_writer(&arr, &mut out);
-    out
+    let sig_structure = ("Signature1", Bstr(protected), Bstr(&[]), Bstr(payload));
+    cbor(&sig_structure, payload.len() + protected.len() + 16)
 }
 
 /// The tagged COSE_Sign1: `18([protected, {}, payload, signature])`.
 pub fn assemble(protected: &ProtectedHeader, payload: &[u8], signature: &[u8; 64]) -> Vec<u8> {
-    let msg = CoseSign1 {
-        protected: protected.coset(),
-        unprotected: Header::default(),
-        payload: Some(payload.to_vec()),
-        signature: signature.to_vec(),
-    };
-    msg.to_tagged_vec().unwrap_or_default()
+    let sign1 = (
+        Bstr(protected.bytes()),
+        EmptyMap,
+        Bstr(payload),
+        Bstr(signature),
+    );
+    let tagged: Required<_, COSE_SIGN1_TAG> = Required(sign1);
+    cbor(&tagged, payload.len() + protected.bytes().len() + 80)
+}
+
+/// CBOR tag of a COSE_Sign1 (RFC 9052 §4.2).
+const COSE_SIGN1_TAG: u64 = 18;
+
+/// Serialises `value` (arrays of byte strings, text and maps: cannot fail into a `Vec`) into a
+/// buffer of `capacity` bytes, straight from the borrowed parts: no CBOR tree and no copies.
+fn cbor(value: &impl Serialize, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    let _ = ciborium::ser::into_writer(value, &mut out);
+    out
+}
+
+/// A CBOR byte string (a plain `&[u8]` would serialise as an array of integers).
+struct Bstr<'a>(&'a [u8]);
+
+impl Serialize for Bstr<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// The empty unprotected header `{}`.
+struct EmptyMap;
+
+impl Serialize for EmptyMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_map(Some(0))?.end()
+    }
 }
 
 /// A parsed COSE_Sign1 from any issuer.
@@ -155,6 +172,46 @@ mod tests {
         let mut expected = vec![0xa2, 0x01, 0x26, 0x04, 0x48];
         expected.extend_from_slice(&kid);
         assert_eq!(h.bytes(), &expected[..]);
+    }
+
+    #[test]
+    fn direct_encoding_is_the_bytes_coset_and_a_cbor_tree_give() {
+        use ciborium::Value;
+        let h = ProtectedHeader::es256([0x5f, 0x74, 0x91, 0x01, 0x95, 0xc5, 0xce, 0xcb]);
+        // Payloads across every CBOR length class of a byte string.
+        for n in [0, 1, 23, 24, 255, 256, 400, 65_535, 65_536] {
+            let payload: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            let sig = [0xa5; 64];
+            let reference = CoseSign1 {
+                protected: coset::ProtectedHeader {
+                    original_data: Some(h.bytes().to_vec()),
+                    header: Header::from_slice(h.bytes()).unwrap(),
+                },
+                unprotected: Header::default(),
+                payload: Some(payload.clone()),
+                signature: sig.to_vec(),
+            }
+            .to_tagged_vec()
+            .unwrap();
+            assert_eq!(
+                assemble(&h, &payload, &sig),
+                reference,
+                "payload of {n} bytes"
+            );
+            let tree = Value::Array(vec![
+                Value::Text("Signature1".into()),
+                Value::Bytes(h.bytes().to_vec()),
+                Value::Bytes(Vec::new()),
+                Value::Bytes(payload.clone()),
+            ]);
+            let mut expected = Vec::new();
+            ciborium::ser::into_writer(&tree, &mut expected).unwrap();
+            assert_eq!(
+                sig_structure(&h, &payload),
+                expected,
+                "payload of {n} bytes"
+            );
+        }
     }
 
     #[test]
