@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One stream 2x64 run of 15 s (with --raw-hsm) against a fresh development state directory, for
-# A/B comparisons of two builds: run it alternately with each binary, e.g.
+# A/B comparisons of two builds (MODE=unary for unary calls): run it alternately with each binary, e.g.
 #   for i in 1 2 3; do bash benches/ab_run.sh /tmp/old/dccsign; bash benches/ab_run.sh target/release/dccsign; done
 # Prints the rate and the daemon/raw ratio.
 set -euo pipefail
@@ -17,4 +17,4 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 sync
-"$bin" load --state-dir "$dir" --addr "$addr" --mode stream --connections 2 --concurrency 64 --duration 15 --verify-every 50 --raw-hsm 2>&1 | grep -E "certificates in|daemon/raw"
+"$bin" load --state-dir "$dir" --addr "$addr" --mode "${MODE:-stream}" --connections 2 --concurrency 64 --duration 15 --verify-every 50 --raw-hsm 2>&1 | grep -E "certificates in|daemon/raw|p99"

@@ -7,6 +7,7 @@
 
 pub mod authz;
 pub mod client;
+pub mod cork;
 pub mod error;
 pub mod health;
 pub mod issuance;

@@ -23,6 +23,8 @@ use tonic::transport::server::Connected;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 
+use super::cork::Cork;
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -64,6 +66,41 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
     Ok(certs)
 }
 
+/// The CA certificates in a PEM file, as trust anchors.
+fn root_store(path: &Path) -> Result<RootCertStore, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(path)? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// The private key in a PEM file.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))
+}
+
+/// A client's rustls configuration for the daemon: TLS 1.3, ALPN `h2`, presenting the
+/// certificate (chain) in `cert` with the key in `key`, trusting servers that chain to `ca`.
+pub fn client_config(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsSetupError(e.to_string()))?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
+        .map_err(|e| TlsSetupError(format!("client certificate {}: {e}", cert.display())))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
 /// The server's rustls configuration.
 pub fn server_config(
     cert: &Path,
@@ -71,17 +108,11 @@ pub fn server_config(
     client_ca: &Path,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs(client_ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| TlsSetupError(format!("client CA: {e}")))?;
-    }
+    let roots = root_store(client_ca)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsSetupError(format!("{}: {e}", key.display())))?;
+    let key = read_key(key)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsSetupError(e.to_string()))?
@@ -92,9 +123,9 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// A TLS connection with its verified peer.
+/// A TLS connection with its verified peer; its writes are corked (see [`Cork`]).
 pub struct MtlsStream {
-    inner: TlsStream<TcpStream>,
+    inner: Cork<TlsStream<TcpStream>>,
     peer: Peer,
 }
 
@@ -177,7 +208,7 @@ pub fn incoming(
                             .and_then(|c| c.first())
                             .and_then(|c| identity_of(c.as_ref()));
                         let stream = MtlsStream {
-                            inner: tls,
+                            inner: Cork::new(tls),
                             peer: Peer { addr, identity },
                         };
                         let _ = tx.send(Ok(stream)).await;
