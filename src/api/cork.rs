@@ -9,10 +9,11 @@
 //! The cork takes the bytes h2 writes into a buffer of at most one TLS record's plaintext and
 //! defers the first `poll_flush` after new bytes by one turn of the scheduler (it wakes its own
 //! task and answers `Pending`, as `tokio::task::yield_now` does). If h2 writes more meanwhile, the
-//! flush is deferred again; the first flush that finds nothing new since the last one writes the
-//! buffer and flushes the transport. So the buffer goes out as soon as the connection's task has
-//! nothing more to send, at most one scheduler turn later, or as soon as it holds a full record:
-//! nothing waits on a timer, and no bytes are held while the task is idle.
+//! flush is deferred again, up to [`MAX_TURNS`] times; the first flush that finds nothing new
+//! since the last one writes the buffer and flushes the transport. So the buffer goes out as soon
+//! as the connection's task has nothing more to send (one scheduler turn later), as soon as it
+//! holds a full record, or after [`MAX_TURNS`] turns that each brought more: nothing waits on a
+//! timer, and no bytes are held while the task is idle.
 
 use std::io;
 use std::pin::Pin;
@@ -24,6 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// §5.1), so a full buffer is one record.
 pub const CORK_LIMIT: usize = 16 * 1024;
 
+/// At most this many scheduler turns defer a flush in a row: a task that has more to write in
+/// every turn (a steady trickle of small frames) still gets its bytes out.
+pub const MAX_TURNS: u8 = 8;
+
 /// A writer that coalesces the writes of one task turn (see the module documentation). Reads
 /// pass straight through.
 #[derive(Debug)]
@@ -34,6 +39,8 @@ pub struct Cork<T> {
     sent: usize,
     /// Bytes were accepted since the last `poll_flush`.
     fresh: bool,
+    /// Flushes deferred since the buffer was last written out.
+    turns: u8,
 }
 
 impl<T> Cork<T> {
@@ -44,6 +51,7 @@ impl<T> Cork<T> {
             buf: Vec::with_capacity(CORK_LIMIT),
             sent: 0,
             fresh: false,
+            turns: 0,
         }
     }
 
@@ -65,6 +73,7 @@ impl<T: AsyncWrite + Unpin> Cork<T> {
         }
         self.buf.clear();
         self.sent = 0;
+        self.turns = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -126,12 +135,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Cork<T> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.fresh {
+        if this.fresh && this.turns < MAX_TURNS {
             // One more turn: whatever the task writes in it joins this write.
             this.fresh = false;
+            this.turns += 1;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        this.fresh = false;
         ready!(this.poll_drain(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -227,6 +238,27 @@ mod tests {
         assert!(matches!(flush(&mut cork, &mut cx), Poll::Ready(Ok(()))));
         assert_eq!(cork.get_ref().writes.len(), 1);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_task_with_more_in_every_turn_is_deferred_at_most_max_turns() {
+        let (w, wakes) = waker();
+        let mut cx = Context::from_waker(&w);
+        let mut cork = Cork::new(Recorder::default());
+        for turn in 0..MAX_TURNS {
+            write(&mut cork, &mut cx, &[turn]);
+            assert!(flush(&mut cork, &mut cx).is_pending(), "turn {turn}");
+        }
+        assert!(cork.get_ref().writes.is_empty());
+        write(&mut cork, &mut cx, b"!");
+        assert!(matches!(flush(&mut cork, &mut cx), Poll::Ready(Ok(()))));
+        let mut expected: Vec<u8> = (0..MAX_TURNS).collect();
+        expected.push(b'!');
+        assert_eq!(cork.get_ref().writes, vec![expected]);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), MAX_TURNS as usize);
+        // The count starts again with the next buffer.
+        write(&mut cork, &mut cx, b"next");
+        assert!(flush(&mut cork, &mut cx).is_pending());
     }
 
     #[test]
