@@ -2,9 +2,10 @@
 //! write, hence one TLS record and one `write` system call, instead of one of each per frame.
 //!
 //! h2 flushes after every DATA frame of 256 bytes or more when its transport takes vectored
-//! writes (tokio-rustls does), and one issued certificate is ~1.1 KB. Without the cork every
-//! response of a stream with 64 requests in flight is its own TLS record (a heap buffer, an
-//! AES-GCM seal, a system call), even when the responses of many certificates are ready at once.
+//! writes (tokio-rustls does), and an issued certificate's response is ~1 KB (an HC1 string of
+//! ~470–540 characters plus the COSE bytes). Without the cork every response is its own TLS
+//! record (a heap buffer and an AES-GCM seal), and a unary call's HEADERS and DATA frames each
+//! cost a `writev`: ~2 per certificate on each side at unary 2 × 64 (docs/benchmarks.md).
 //!
 //! The cork takes the bytes h2 writes into a buffer of at most one TLS record's plaintext and
 //! defers the first `poll_flush` after new bytes by one turn of the scheduler (it wakes its own
