@@ -4,7 +4,9 @@
 # per-client limit raised to match; STATE=dir to run on an existing state directory, e.g. one
 # filled by fill_ledger.py, which is kept): run it alternately with each binary, e.g.
 #   for i in 1 2 3; do bash benches/ab_run.sh /tmp/old/dccsign; bash benches/ab_run.sh target/release/dccsign; done
-# Prints the rate and the daemon/raw ratio.
+# Prints the rate, the daemon/raw ratio and the CPU per certificate of each daemon thread
+# (benches/thread_cpu.py). RAW=0 leaves out the raw SoftHSM measurement (then the machine's
+# figures are the run's alone); SECS sets the duration (15 s).
 set -euo pipefail
 bin=$1
 conn=${CONN:-2}
@@ -30,4 +32,13 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 sync
-"$bin" load --state-dir "$dir" --addr "$addr" --mode "${MODE:-stream}" --connections "$conn" --concurrency "$conc" --duration 15 --verify-every 50 --raw-hsm 2>&1 | grep -E "certificates in|daemon/raw|p99"
+raw="--raw-hsm"
+[ "${RAW:-1}" = 0 ] && raw=""
+here=$(dirname "$0")
+python3 "$here/thread_cpu.py" snap "$pid" > "$dir/cpu-before.json"
+"$bin" load --state-dir "$dir" --addr "$addr" --mode "${MODE:-stream}" --connections "$conn" \
+    --concurrency "$conc" --duration "${SECS:-15}" --verify-every 50 $raw > "$dir/load.out" 2>&1
+python3 "$here/thread_cpu.py" snap "$pid" > "$dir/cpu-after.json"
+grep -E "certificates in|daemon/raw|p99" "$dir/load.out"
+certs=$(sed -n 's/.*: \([0-9]*\) certificates in .*/\1/p' "$dir/load.out")
+python3 "$here/thread_cpu.py" diff "$dir/cpu-before.json" "$dir/cpu-after.json" "$certs"

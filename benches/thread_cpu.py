@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""CPU per certificate of each of the daemon's threads, from /proc (no perf needed).
+
+    python3 benches/thread_cpu.py snap PID > before.json
+    ... run the load ...
+    python3 benches/thread_cpu.py snap PID > after.json
+    python3 benches/thread_cpu.py diff before.json after.json CERTIFICATES
+
+`snap` records every thread's utime + stime (threads grouped by name without their number:
+tokio-rt-worker, hsm-worker, ledger-writer, ledger-checkpoi[nt]), the process's write system
+calls and bytes written to disk (/proc/PID/io), and the machine's busy and stolen time
+(/proc/stat). `diff` prints them per certificate. The machine's figures include everything
+that ran meanwhile (the load generator, and its raw SoftHSM measurement when --raw-hsm is on).
+"""
+import json
+import os
+import re
+import sys
+
+
+def snap(pid):
+    tick = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        group = re.sub(r"[-_ ]?\d+$", "", name)
+        threads[group] = threads.get(group, 0) + (int(fields[11]) + int(fields[12])) / tick
+    io = dict(line.split(": ") for line in open(f"/proc/{pid}/io").read().splitlines())
+    cpu = open("/proc/stat").readline().split()
+    busy = sum(int(x) for x in cpu[1:4] + cpu[6:8]) / tick
+    return {"threads": threads, "syscw": int(io["syscw"]), "write_bytes": int(io["write_bytes"]),
+            "busy": busy, "steal": int(cpu[8]) / tick}
+
+
+def diff(a, b, n):
+    us = lambda seconds: seconds / n * 1e6
+    total = 0.0
+    for group in sorted(b["threads"]):
+        d = b["threads"][group] - a["threads"].get(group, 0)
+        total += d
+        if d > 0.005:
+            print(f"  {group:<20} {us(d):7.1f} µs per certificate")
+    print(f"  {'daemon (all threads)':<20} {us(total):7.1f} µs per certificate")
+    print(f"  write system calls {(b['syscw'] - a['syscw']) / n:.2f}, disk writes "
+          f"{(b['write_bytes'] - a['write_bytes']) / n / 1024:.1f} KiB per certificate")
+    print(f"  machine: busy {us(b['busy'] - a['busy']):.1f} µs, stolen "
+          f"{us(b['steal'] - a['steal']):.1f} µs per certificate")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "snap":
+        print(json.dumps(snap(sys.argv[2])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "diff":
+        diff(json.load(open(sys.argv[2])), json.load(open(sys.argv[3])), int(sys.argv[4]))
+    else:
+        sys.exit(__doc__)
