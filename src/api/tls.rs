@@ -66,6 +66,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
     Ok(certs)
 }
 
+/// The only TLS version either end speaks.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The only application protocol either end offers: HTTP/2, which gRPC runs on.
+const ALPN_H2: &[u8] = b"h2";
+
 /// The CA certificates in a PEM file, as trust anchors.
 fn root_store(path: &Path) -> Result<RootCertStore, TlsSetupError> {
     let mut roots = RootCertStore::empty();
@@ -92,12 +98,12 @@ pub fn client_config(
 ) -> Result<rustls::ClientConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsSetupError(e.to_string()))?
         .with_root_certificates(root_store(ca)?)
         .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
         .map_err(|e| TlsSetupError(format!("client certificate {}: {e}", cert.display())))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }
 
@@ -114,12 +120,12 @@ pub fn server_config(
         .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
     let key = read_key(key)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsSetupError(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(read_certs(cert)?, key)
         .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }
 
