@@ -817,6 +817,9 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
         "dccsign_request_seconds_bucket",
         "dccsign_hsm_sign_seconds_bucket",
         "dccsign_ledger_commit_seconds_bucket",
+        // Latency buckets fine enough for the 5 ms target; group sizes in writes, not seconds.
+        "dccsign_ledger_commit_seconds_bucket{le=\"0.0075\"}",
+        "dccsign_ledger_group_size_bucket{le=\"512\"}",
         "dccsign_hsm_queue_depth",
         "dccsign_hsm_sessions_busy",
     ] {

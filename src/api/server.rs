@@ -81,8 +81,15 @@ pub async fn serve(
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .set_buckets(&[
-                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.02,
+                0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ])
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("dccsign_ledger_group_size".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                )
+            })
             .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
             .install()
             .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))?;
