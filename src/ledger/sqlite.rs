@@ -238,8 +238,14 @@ fn writer(
                     checkpoints.poke();
                 }
                 if checkpoints.finished() {
-                    if let Err(e) = checkpoint::passive(&conn) {
-                        tracing::warn!(error = %e, "ledger writer's catch-up checkpoint failed");
+                    // On every request's path: see `dccsign_ledger_catch_up_seconds`.
+                    let started = std::time::Instant::now();
+                    match checkpoint::passive(&conn) {
+                        Ok(_) => metrics::histogram!("dccsign_ledger_catch_up_seconds")
+                            .record(started.elapsed().as_secs_f64()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ledger writer's catch-up checkpoint failed")
+                        }
                     }
                 }
             }
