@@ -9,7 +9,8 @@
 `snap` records every thread's utime + stime (threads grouped by name without their number:
 tokio-rt-worker, hsm-worker, ledger-writer, ledger-checkpoi[nt]), how long the threads were
 runnable but waited for a CPU and how many times they were put on one (/proc/PID/task/TID/
-schedstat: the scheduler's run delay, which shows as latency), the process's write system
+schedstat: the scheduler's run delay, which shows as latency), the daemon's peak resident
+memory (VmHWM), the process's write system
 calls and bytes written to disk (/proc/PID/io), and the machine's busy and stolen time
 (/proc/stat). `diff` prints them per certificate. The machine's figures include everything
 that ran meanwhile (the load generator, and its raw SoftHSM measurement when --raw-hsm is on).
@@ -36,9 +37,11 @@ def snap(pid):
         delay[group] = delay.get(group, 0) + int(sched[1]) / 1e9
         runs[group] = runs.get(group, 0) + int(sched[2])
     io = dict(line.split(": ") for line in open(f"/proc/{pid}/io").read().splitlines())
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+    peak_kib = int(status["VmHWM"].split()[0])
     cpu = open("/proc/stat").readline().split()
     busy = sum(int(x) for x in cpu[1:4] + cpu[6:8]) / tick
-    return {"threads": threads, "delay": delay, "runs": runs, "syscw": int(io["syscw"]), "write_bytes": int(io["write_bytes"]),
+    return {"threads": threads, "delay": delay, "runs": runs, "peak_kib": peak_kib, "syscw": int(io["syscw"]), "write_bytes": int(io["write_bytes"]),
             "busy": busy, "steal": int(cpu[8]) / tick}
 
 
@@ -57,6 +60,8 @@ def diff(a, b, n):
     print(f"  {'daemon (all threads)':<20} {us(total):7.1f} µs per certificate")
     print(f"  write system calls {(b['syscw'] - a['syscw']) / n:.2f}, disk writes "
           f"{(b['write_bytes'] - a['write_bytes']) / n / 1024:.1f} KiB per certificate")
+    if "peak_kib" in b:
+        print(f"  daemon peak resident memory {b['peak_kib'] / 1024:.1f} MiB")
     print(f"  machine: busy {us(b['busy'] - a['busy']):.1f} µs, stolen "
           f"{us(b['steal'] - a['steal']):.1f} µs per certificate")
 
