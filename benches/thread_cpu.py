@@ -10,9 +10,8 @@
 tokio-rt-worker, hsm-worker, ledger-writer, ledger-checkpoi[nt]), how long the threads were
 runnable but waited for a CPU and how many times they were put on one (/proc/PID/task/TID/
 schedstat: the scheduler's run delay, which shows as latency), the daemon's peak resident
-memory (VmHWM), the process's write system
-calls and bytes written to disk (/proc/PID/io), and the machine's busy and stolen time
-(/proc/stat). `diff` prints them per certificate. The machine's figures include everything
+memory (VmHWM), the process's write system calls and bytes written to disk (/proc/PID/io), and
+the machine's busy and stolen time (/proc/stat). `diff` prints them per certificate. The machine's figures include everything
 that ran meanwhile (the load generator, and its raw SoftHSM measurement when --raw-hsm is on).
 """
 import json
@@ -41,7 +40,8 @@ def snap(pid):
     peak_kib = int(status["VmHWM"].split()[0])
     cpu = open("/proc/stat").readline().split()
     busy = sum(int(x) for x in cpu[1:4] + cpu[6:8]) / tick
-    return {"threads": threads, "delay": delay, "runs": runs, "peak_kib": peak_kib, "syscw": int(io["syscw"]), "write_bytes": int(io["write_bytes"]),
+    return {"threads": threads, "delay": delay, "runs": runs, "peak_kib": peak_kib,
+            "syscw": int(io["syscw"]), "write_bytes": int(io["write_bytes"]),
             "busy": busy, "steal": int(cpu[8]) / tick}
 
 
