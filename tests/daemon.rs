@@ -820,6 +820,8 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
         // Latency buckets fine enough for the 5 ms target; group sizes in writes, not seconds.
         "dccsign_ledger_commit_seconds_bucket{le=\"0.0075\"}",
         "dccsign_ledger_group_size_bucket{le=\"512\"}",
+        // The signed certificate's UVCI hash, held by the writer until a merge.
+        "dccsign_ledger_uci_recent 1",
         "dccsign_hsm_queue_depth",
         "dccsign_hsm_sessions_busy",
     ] {

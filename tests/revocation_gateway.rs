@@ -178,7 +178,7 @@ fn upload_returns_the_batch_id_and_the_stand_in_keeps_it() {
     let json = batch_json("SE", &b);
     let cms = up.cms(&json);
     assert!(
-        !cms.contains('\n') && cms.len() % 4 == 0,
+        !cms.contains('\n') && cms.len().is_multiple_of(4),
         "one line of padded base64"
     );
 

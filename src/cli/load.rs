@@ -673,7 +673,7 @@ fn check(
     n: u64,
     every: u64,
 ) {
-    if every == 0 || n % every != 0 {
+    if every == 0 || !n.is_multiple_of(every) {
         return;
     }
     match dccsign::cose::verify_cose(&r.cose, trust, time::OffsetDateTime::now_utc()) {

@@ -16,6 +16,9 @@
 
 mod checkpoint;
 mod sqlite;
+mod uci;
+
+pub(crate) use uci::find_sql;
 
 pub use sqlite::SqliteLedger;
 

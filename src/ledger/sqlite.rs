@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use super::checkpoint::{self, Checkpointer, Poker};
+use super::uci::{self, find_sql, UciIndex};
 use super::{
     CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, RequestKey,
     Reservation, ReservationId, StoredRequest, WriteReply, WriteResult,
@@ -137,6 +138,56 @@ ALTER TABLE certificates ADD COLUMN request_hash BLOB
 CREATE UNIQUE INDEX certificates_request ON certificates (issuer, request_id)
     WHERE request_id IS NOT NULL;
 "#,
+    // The UVCI hashes move out of the `UNIQUE` index of `certificates` (a random leaf per
+    // certificate) into `uci_index`, merged in hash order by the writer (`uci.rs`). SQLite
+    // cannot drop a column's `UNIQUE`: the table is copied without it (foreign keys are off
+    // while migrations run; `migrate` checks them after): 220 s for 10.5 million rows on the
+    // development VM, and the file grows by the copy (its pages are reused by new rows).
+    r#"
+CREATE TABLE certificates_v7 (
+    id               INTEGER PRIMARY KEY,
+    uci_hash         BLOB    NOT NULL CHECK (length(uci_hash) = 16),
+    country_uci_hash BLOB    NOT NULL CHECK (length(country_uci_hash) = 16),
+    cert_type        TEXT    NOT NULL CHECK (cert_type IN ('test', 'vaccination', 'recovery')),
+    kid              BLOB    NOT NULL CHECK (length(kid) = 8),
+    iat              INTEGER NOT NULL,
+    exp              INTEGER NOT NULL CHECK (exp > iat),
+    state            TEXT    NOT NULL CHECK (state IN ('reserved', 'signed')),
+    signature_hash   BLOB    CHECK (signature_hash IS NULL OR length(signature_hash) = 16),
+    reserved_at      INTEGER NOT NULL,
+    signed_at        INTEGER,
+    issuer           TEXT,
+    replaces         INTEGER,
+    signature        BLOB    CHECK (signature IS NULL OR length(signature) = 64),
+    request_id       TEXT,
+    request_hash     BLOB    CHECK (request_hash IS NULL OR length(request_hash) = 32),
+    CHECK ((state = 'signed') = (signature_hash IS NOT NULL)),
+    CHECK ((request_hash IS NULL) = (request_id IS NULL))
+);
+INSERT INTO certificates_v7 (id, uci_hash, country_uci_hash, cert_type, kid, iat, exp, state,
+    signature_hash, reserved_at, signed_at, issuer, replaces, signature, request_id, request_hash)
+SELECT id, uci_hash, country_uci_hash, cert_type, kid, iat, exp, state,
+    signature_hash, reserved_at, signed_at, issuer, replaces, signature, request_id, request_hash
+FROM certificates;
+DROP TABLE certificates;
+ALTER TABLE certificates_v7 RENAME TO certificates;
+CREATE INDEX certificates_kid_exp ON certificates (kid, exp);
+CREATE UNIQUE INDEX certificates_replaces ON certificates (replaces) WHERE replaces IS NOT NULL;
+CREATE UNIQUE INDEX certificates_request ON certificates (issuer, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE TABLE uci_index (
+    uci_hash       BLOB    PRIMARY KEY,
+    certificate_id INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO uci_index (uci_hash, certificate_id)
+SELECT uci_hash, id FROM certificates ORDER BY uci_hash;
+INSERT INTO counters (name, value)
+SELECT 'uci_indexed_through', coalesce(max(id), 0) FROM certificates;
+CREATE TRIGGER certificates_uci_index_delete AFTER DELETE ON certificates
+BEGIN
+    DELETE FROM uci_index WHERE uci_hash = OLD.uci_hash AND certificate_id = OLD.id;
+END;
+"#,
 ];
 
 /// Whether a request key is in the `requests` table of schema versions 2–5.
@@ -150,9 +201,10 @@ fn has_legacy_requests(c: &Connection) -> Result<bool, rusqlite::Error> {
 
 /// Page cache of the ledger writer's connection, in KiB (8 MiB).
 ///
-/// Large enough for the interior pages of the unique UVCI-hash index, which every insert walks
-/// (at 10 million rows ~2.5 MB; SQLite's default 2 MiB was too small: 4 178 -> 4 757
-/// certificates/s in the third session's 10-million-row run with 64 MiB). Not larger, because
+/// Large enough for the interior pages of `uci_index` (once the unique UVCI-hash index of
+/// `certificates`), which every new certificate walks (at 10 million rows ~2.5 MB; SQLite's
+/// default 2 MiB was too small: 4 178 -> 4 757 certificates/s in the third session's
+/// 10-million-row run with 64 MiB). Not larger, because
 /// the leaves are hit at random and miss any affordable cache anyway, and because a bigger cache
 /// costs CPU on every commit while the file is under 1 GiB: SQLite's B-tree balancing renumbers
 /// pages through the lock-byte page at 1 GiB, and the commit after it then walks the whole page
@@ -181,6 +233,33 @@ struct WriteOp {
 /// Most writes committed in one transaction.
 const MAX_GROUP: usize = 512;
 
+/// Takes the ledger's writer lock: an exclusive `flock` on `<ledger>.writer-lock`, released when
+/// the file closes (also when the process dies). One writer per ledger file is what keeps UVCI
+/// hashes unique: the writer holds the recent ones in memory (`uci.rs`), so a second writer
+/// would not see them.
+fn writer_lock(path: &Path) -> Result<std::fs::File, LedgerError> {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".writer-lock");
+    let cannot = |e: &dyn std::fmt::Display| {
+        LedgerError::Database(format!("cannot lock {}: {e}", Path::new(&p).display()))
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| cannot(&e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LedgerError::Database(format!(
+            "{} is in use by another dccsign process (a ledger has one writer: stop the \
+             daemon, or issue through it)",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(cannot(&e)),
+    }
+}
+
 fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -206,6 +285,7 @@ fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
 fn writer(
     conn: Connection,
     legacy: bool,
+    mut uci: UciIndex,
     rx: crossbeam_channel::Receiver<WriteOp>,
     checkpoints: Poker,
 ) {
@@ -220,12 +300,17 @@ fn writer(
         }
         metrics::histogram!("dccsign_ledger_group_size").record(group.len() as f64);
         let started = std::time::Instant::now();
-        let results = apply_group(&conn, legacy, &group).and_then(|results| {
+        let results = apply_group(&conn, legacy, &mut uci, &group).and_then(|results| {
+            merge_slice(&conn, &mut uci, group.len());
             conn.execute_batch("COMMIT").map(|_| results).map_err(|e| {
                 let _ = conn.execute_batch("ROLLBACK");
                 LedgerError::Database(format!("commit failed: {e}"))
             })
         });
+        match &results {
+            Ok(_) => uci.committed(),
+            Err(_) => uci.aborted(),
+        }
         match results {
             Ok(results) => {
                 metrics::histogram!("dccsign_ledger_group_commit_seconds")
@@ -262,6 +347,24 @@ fn writer(
     }
 }
 
+/// Merges a slice of the recent UVCI hashes into `uci_index` in the group's transaction, under
+/// a savepoint: a failure is logged and leaves the group's writes alone (the merge goes on with
+/// a later group).
+fn merge_slice(c: &Connection, uci: &mut UciIndex, group: usize) {
+    let r = run(c, "SAVEPOINT m").and_then(|_| {
+        let r = uci.merge_slice(c, group);
+        if r.is_err() {
+            run(c, "ROLLBACK TO m")?;
+        }
+        run(c, "RELEASE m")?;
+        r
+    });
+    if let Err(e) = r {
+        uci.slice_failed();
+        tracing::warn!(error = %e, "merging recent UVCI hashes into uci_index failed");
+    }
+}
+
 /// Opens a transaction and applies the group, leaving the transaction open for the commit:
 /// first every write straight; if one fails, again from a fresh transaction with a savepoint
 /// per write. Fails only when no transaction could be opened. `legacy`: whether request keys
@@ -269,12 +372,13 @@ fn writer(
 fn apply_group(
     c: &Connection,
     legacy: bool,
+    uci: &mut UciIndex,
     group: &[WriteOp],
 ) -> Result<Vec<WriteResult>, LedgerError> {
     c.execute_batch("BEGIN IMMEDIATE")?;
     let mut results = Vec::with_capacity(group.len());
     for op in group {
-        match apply(c, legacy, &op.kind) {
+        match apply(c, legacy, uci, &op.kind) {
             Ok(r) => results.push(Ok(r)),
             Err(_) => break,
         }
@@ -285,15 +389,18 @@ fn apply_group(
     metrics::counter!("dccsign_ledger_group_retries_total").increment(1);
     // Some errors (I/O, disk full) end the transaction themselves; the rollback may then fail.
     let _ = c.execute_batch("ROLLBACK");
+    uci.aborted();
     c.execute_batch("BEGIN IMMEDIATE")?;
     Ok(group
         .iter()
         .map(|op| {
+            let mark = uci.mark();
             run(c, "SAVEPOINT w")
                 .map_err(LedgerError::from)
                 .and_then(|_| {
-                    let r = apply(c, legacy, &op.kind);
+                    let r = apply(c, legacy, uci, &op.kind);
                     if r.is_err() {
+                        uci.rollback_to(mark);
                         run(c, "ROLLBACK TO w")?;
                     }
                     run(c, "RELEASE w")?;
@@ -315,11 +422,11 @@ fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<usize, ru
     c.prepare_cached(sql)?.execute(p)
 }
 
-fn apply(c: &Connection, legacy: bool, kind: &LedgerWrite) -> WriteResult {
+fn apply(c: &Connection, legacy: bool, uci: &mut UciIndex, kind: &LedgerWrite) -> WriteResult {
     match kind {
-        LedgerWrite::Reserve(r, q) => write_reserve(c, legacy, r, q.as_ref()).map(Some),
+        LedgerWrite::Reserve(r, q) => write_reserve(c, legacy, uci, r, q.as_ref()).map(Some),
         LedgerWrite::Complete(id, h, sig) => write_complete(c, *id, h, sig).map(|_| None),
-        LedgerWrite::Release(id) => write_release(c, *id).map(|_| None),
+        LedgerWrite::Release(id) => write_release(c, uci, *id).map(|_| None),
     }
 }
 
@@ -330,6 +437,7 @@ fn apply(c: &Connection, legacy: bool, kind: &LedgerWrite) -> WriteResult {
 fn write_reserve(
     c: &Connection,
     legacy: bool,
+    uci: &mut UciIndex,
     r: &Reservation,
     request: Option<&RequestKey>,
 ) -> Result<ReservationId, LedgerError> {
@@ -343,10 +451,22 @@ fn write_reserve(
             return Err(LedgerError::DuplicateRequest);
         }
     }
+    let request_known = |q: &RequestKey| -> Result<bool, rusqlite::Error> {
+        c.prepare_cached("SELECT 1 FROM certificates WHERE issuer = ?1 AND request_id = ?2")?
+            .exists(params![q.client, q.request_id])
+    };
+    if let Some((_, state)) = uci.find(c, &r.uci_hash)? {
+        if request.map(request_known).transpose()? == Some(true) {
+            return Err(LedgerError::DuplicateRequest);
+        }
+        return Err(LedgerError::DuplicateUvci { state });
+    }
+    // The id: above every id this writer saw (see `uci.rs`) and above every row.
     let res = exec(
         c,
-        "INSERT INTO certificates (uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces, request_id, request_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces, request_id, request_hash)
+         VALUES (max(?12, (SELECT coalesce(max(id), 0) + 1 FROM certificates)),
+                 ?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11)",
         params![
             &r.uci_hash[..],
             &r.country_uci_hash[..],
@@ -359,31 +479,24 @@ fn write_reserve(
             r.replaces,
             request.map(|q| q.request_id.as_str()),
             request.map(|q| &q.request_hash[..]),
+            uci.next_id(),
         ],
     );
     match res {
-        Ok(_) => Ok(ReservationId(c.last_insert_rowid())),
+        Ok(_) => {
+            let id = c.last_insert_rowid();
+            uci.added(r.uci_hash, id);
+            Ok(ReservationId(id))
+        }
         Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == ErrorCode::ConstraintViolation => {
-            if let Some(q) = request {
-                let known = c
-                    .prepare_cached(
-                        "SELECT 1 FROM certificates WHERE issuer = ?1 AND request_id = ?2",
-                    )?
-                    .exists(params![q.client, q.request_id])?;
-                if known {
-                    return Err(LedgerError::DuplicateRequest);
-                }
+            if request.map(request_known).transpose()? == Some(true) {
+                return Err(LedgerError::DuplicateRequest);
             }
-            let state: Option<String> = c
-                .prepare_cached("SELECT state FROM certificates WHERE uci_hash = ?1")?
-                .query_row(params![&r.uci_hash[..]], |row| row.get(0))
-                .optional()?;
-            match (state, r.replaces) {
-                (Some(state), _) => Err(LedgerError::DuplicateUvci { state }),
-                (None, Some(_)) => Err(LedgerError::NotReplaceable(
+            match r.replaces {
+                Some(_) => Err(LedgerError::NotReplaceable(
                     "a replacement of it is already recorded".into(),
                 )),
-                (None, None) => Err(LedgerError::Database(
+                None => Err(LedgerError::Database(
                     "constraint violation on insert".into(),
                 )),
             }
@@ -450,16 +563,19 @@ fn write_complete(
     Ok(())
 }
 
-fn write_release(c: &Connection, id: ReservationId) -> Result<(), LedgerError> {
-    let n = exec(
-        c,
-        "DELETE FROM certificates WHERE id = ?1 AND state = 'reserved'",
-        params![id.0],
-    )?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(LedgerError::NotReserved(id.0))
+fn write_release(c: &Connection, uci: &mut UciIndex, id: ReservationId) -> Result<(), LedgerError> {
+    let h: Option<Vec<u8>> = c
+        .prepare_cached(
+            "DELETE FROM certificates WHERE id = ?1 AND state = 'reserved' RETURNING uci_hash",
+        )?
+        .query_row(params![id.0], |r| r.get(0))
+        .optional()?;
+    match h.map(hash16).transpose()? {
+        Some(h) => {
+            uci.removed(h, id.0);
+            Ok(())
+        }
+        None => Err(LedgerError::NotReserved(id.0)),
     }
 }
 
@@ -503,6 +619,16 @@ fn hash16(v: Vec<u8>) -> Result<RevocationHash, rusqlite::Error> {
 impl SqliteLedger {
     /// Opens (creating if needed) the database and applies migrations.
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
+        Self::open_with(path, uci::RECENT_LIMIT)
+    }
+
+    /// [`SqliteLedger::open`] with another number of recent UVCI hashes that starts a merge
+    /// into `uci_index` (tests use a small one to see merges happen).
+    pub(crate) fn open_with(
+        path: &Path,
+        uci_recent_limit: usize,
+    ) -> Result<SqliteLedger, LedgerError> {
+        let lock = writer_lock(path)?;
         let mut ledger = SqliteLedger {
             conn: Mutex::new(open_conn(path)?),
             writer: None,
@@ -515,6 +641,7 @@ impl SqliteLedger {
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let legacy = has_legacy_requests(&write_conn)?;
+        let uci = UciIndex::load(&write_conn, uci_recent_limit)?;
         let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
         })?;
@@ -526,7 +653,11 @@ impl SqliteLedger {
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer(write_conn, legacy, rx, poker))
+            .spawn(move || {
+                // Held for as long as the writer runs (it may outlive the handles).
+                let _lock = lock;
+                writer(write_conn, legacy, uci, rx, poker)
+            })
             .map_err(|e| LedgerError::Database(format!("cannot start the ledger writer: {e}")))?;
         ledger.writer = Some(tx);
         ledger.writer_thread = Some(handle);
@@ -547,8 +678,15 @@ impl SqliteLedger {
                 MIGRATIONS.len()
             )));
         }
+        if version == MIGRATIONS.len() {
+            return Ok(());
+        }
         // A new file gets every migration silently; an existing one is being upgraded.
         let upgrading = version > 0;
+        // Migration 7 copies `certificates` and drops the original, which with foreign keys on
+        // would delete every row that references it. Off for the migrations (a no-op inside a
+        // transaction, so here), checked after them.
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             // An upgrade of an existing ledger may take a while (migration 6 reads the whole
             // certificates table once: ~80 s for 10 million rows from a cold disk). Said at
@@ -572,6 +710,16 @@ impl SqliteLedger {
                     "ledger schema upgraded"
                 );
             }
+        }
+        let broken: i64 =
+            conn.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        if broken > 0 {
+            return Err(LedgerError::Database(format!(
+                "{broken} rows reference missing rows after the schema upgrade"
+            )));
         }
         Ok(())
     }
@@ -657,7 +805,10 @@ impl Ledger for SqliteLedger {
     ) -> Result<Option<CertificateRecord>, LedgerError> {
         let conn = self.conn();
         let found = conn
-            .prepare_cached("SELECT * FROM certificates WHERE uci_hash = ?1")?
+            .prepare_cached(concat!(
+                find_sql!(),
+                "SELECT * FROM certificates WHERE id = (SELECT id FROM hit)"
+            ))?
             .query_row(params![&h[..]], row_to_record)
             .optional()?;
         Ok(found)
@@ -1032,8 +1183,12 @@ mod tests {
             LedgerWrite::Reserve(res(4), None),
         ];
         let group = unanswered(ops);
-        let results = apply_group(&conn, false, &group).unwrap();
+        let mut uci = UciIndex::load(&conn, uci::RECENT_LIMIT).unwrap();
+        let results = apply_group(&conn, false, &mut uci, &group).unwrap();
         conn.execute_batch("COMMIT").unwrap();
+        uci.committed();
+        // The hash reserved before the group (through the ledger) and the group's two.
+        assert_eq!(uci.recent_len(), 3);
         assert!(matches!(results[0], Ok(Some(_))), "{results:?}");
         assert!(
             matches!(&results[1], Err(LedgerError::DuplicateUvci { state }) if state == "reserved"),
@@ -1073,10 +1228,209 @@ mod tests {
         );
         // A group without failures commits on the first pass.
         let ok = unanswered([LedgerWrite::Reserve(res(5), None)]);
-        let results = apply_group(&conn, false, &ok).unwrap();
+        let results = apply_group(&conn, false, &mut uci, &ok).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         assert!(matches!(results[0], Ok(Some(_))));
         assert!(l.find_by_uci_hash(&[5; 16]).unwrap().is_some());
+    }
+
+    /// A reservation whose UVCI hash is `n` (big-endian in the first bytes).
+    fn res_n(n: u32) -> Reservation {
+        let mut r = res(0);
+        r.uci_hash[..4].copy_from_slice(&n.to_be_bytes());
+        r.country_uci_hash[..4].copy_from_slice(&n.to_be_bytes());
+        r
+    }
+
+    /// `(mark, entries of uci_index, rows at or below the mark missing from uci_index, entries
+    /// of uci_index whose row is gone)`: the last two must be 0 (`uci.rs`).
+    fn uci_state(c: &Connection) -> (i64, i64, i64, i64) {
+        c.query_row(
+            "SELECT (SELECT value FROM counters WHERE name = 'uci_indexed_through'),
+                    (SELECT count(*) FROM uci_index),
+                    (SELECT count(*) FROM certificates c
+                     WHERE c.id <= (SELECT value FROM counters WHERE name = 'uci_indexed_through')
+                       AND NOT EXISTS (SELECT 1 FROM uci_index u
+                                       WHERE u.uci_hash = c.uci_hash AND u.certificate_id = c.id)),
+                    (SELECT count(*) FROM uci_index u
+                     WHERE NOT EXISTS (SELECT 1 FROM certificates c WHERE c.id = u.certificate_id))",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    }
+
+    /// Every hash in `live` is refused again (with its row's state) and found by the reader;
+    /// every hash in `gone` is not found.
+    fn check_hashes(l: &SqliteLedger, live: &[(u32, &str)], gone: &[u32]) {
+        for &(n, state) in live {
+            match l.reserve(&res_n(n), None) {
+                Err(LedgerError::DuplicateUvci { state: s }) => assert_eq!(s, state, "hash {n}"),
+                other => panic!("hash {n}: expected a duplicate, got {other:?}"),
+            }
+            let found = l.find_by_uci_hash(&res_n(n).uci_hash).unwrap();
+            assert_eq!(found.map(|f| f.state), Some(state.to_string()), "hash {n}");
+        }
+        for &n in gone {
+            assert!(
+                l.find_by_uci_hash(&res_n(n).uci_hash).unwrap().is_none(),
+                "hash {n}"
+            );
+        }
+    }
+
+    /// With a small limit, the recent hashes are merged into `uci_index` several times over,
+    /// in slices across commits; a reopen in the middle of a merge (as after a crash) loses no
+    /// hash. Throughout, every hash is refused a second time and found, released and purged
+    /// hashes are free again, and the index matches the rows.
+    #[test]
+    fn uvci_hashes_stay_unique_through_merges_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let conn = open_conn(&path).unwrap();
+        let limit = 150;
+        let mut l = SqliteLedger::open_with(&path, limit).unwrap();
+        let mut live: Vec<(u32, &str)> = Vec::new();
+        let mut gone = Vec::new();
+        // Reserve hashes 0.. in a scrambled order; complete two of three, release every
+        // seventh.
+        let mut next = 0u32;
+        let mut reserve =
+            |l: &SqliteLedger, count: u32, live: &mut Vec<(u32, &str)>, gone: &mut Vec<u32>| {
+                for _ in 0..count {
+                    let n = next.wrapping_mul(2_654_435_761) >> 8;
+                    next += 1;
+                    let id = l.reserve(&res_n(n), None).unwrap();
+                    if n.is_multiple_of(7) {
+                        l.release(id).unwrap();
+                        gone.push(n);
+                    } else if !n.is_multiple_of(3) {
+                        l.complete(id, &[1; 16], &[2; 64]).unwrap();
+                        live.push((n, "signed"));
+                    } else {
+                        live.push((n, "reserved"));
+                    }
+                }
+            };
+        // Up to the first slice of the first merge (which starts at 150 recent hashes): a
+        // slice is shorter than the merge, so the merge is then under way, with some hashes in
+        // the index and the mark not moved yet.
+        for _ in 0..300 {
+            reserve(&l, 1, &mut live, &mut gone);
+            if uci_state(&conn).1 > 0 {
+                break;
+            }
+        }
+        let (mark, indexed, missing, orphans) = uci_state(&conn);
+        assert_eq!((mark, missing, orphans), (0, 0, 0));
+        assert!(
+            indexed > 0 && indexed < 150,
+            "{indexed} hashes in uci_index"
+        );
+        check_hashes(&l, &live, &gone);
+        // Reopen in the middle of the merge.
+        drop(l);
+        l = SqliteLedger::open_with(&path, limit).unwrap();
+        check_hashes(&l, &live, &gone);
+        reserve(&l, 600, &mut live, &mut gone);
+        let (mark, indexed, missing, orphans) = uci_state(&conn);
+        assert_eq!((missing, orphans), (0, 0));
+        assert!(
+            mark > 400 && indexed > 400,
+            "mark {mark}, {indexed} hashes in uci_index"
+        );
+        check_hashes(&l, &live, &gone);
+        // Released hashes can be reserved again.
+        for &n in &gone[..3] {
+            l.reserve(&res_n(n), None).unwrap();
+        }
+        // Rows deleted by another connection (the purge): one merged long ago, one recent
+        // (still in the writer's memory). Their hashes are free again and leave no index entry.
+        let (old, recent) = (live[0].0, live.last().unwrap().0);
+        for n in [old, recent] {
+            conn.execute(
+                "DELETE FROM certificates WHERE uci_hash = ?1",
+                [&res_n(n).uci_hash[..]],
+            )
+            .unwrap();
+        }
+        assert_eq!(uci_state(&conn).3, 0);
+        l.reserve(&res_n(old), None).unwrap();
+        l.reserve(&res_n(recent), None).unwrap();
+        drop(l);
+        let l = SqliteLedger::open_with(&path, limit).unwrap();
+        let (_, _, missing, orphans) = uci_state(&conn);
+        assert_eq!((missing, orphans), (0, 0));
+        live[0].1 = "reserved";
+        live.last_mut().unwrap().1 = "reserved";
+        check_hashes(&l, &live, &gone[3..]);
+    }
+
+    /// A ledger of schema version 6 (the UVCI hash `UNIQUE` on `certificates`) is upgraded:
+    /// the table is copied without it, every hash goes to `uci_index`, and the rows that
+    /// reference certificates (a revocation) stay.
+    #[test]
+    fn schema_6_ledgers_move_their_uvci_hashes_to_uci_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.pragma_update(None, "foreign_keys", "ON").unwrap();
+            for sql in &MIGRATIONS[..6] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.execute_batch(
+                "PRAGMA user_version = 6;
+                 INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, exp,
+                     state, signature_hash, reserved_at, signed_at, issuer, signature, request_id,
+                     request_hash)
+                 VALUES (1, zeroblob(16), zeroblob(16), 'test', zeroblob(8), 1, 2, 'signed',
+                     zeroblob(16), 1, 1, 'c', randomblob(64), 'q-1', zeroblob(32)),
+                        (5, randomblob(16), randomblob(16), 'test', zeroblob(8), 1, 2, 'reserved',
+                     NULL, 1, NULL, 'c', NULL, NULL, NULL);
+                 INSERT INTO revocations (certificate_id, reason, revoked_by, revoked_at,
+                     added_version)
+                 VALUES (1, 'fraud', 'test', 1, 1);",
+            )
+            .unwrap();
+        }
+        let l = SqliteLedger::open(&p).unwrap();
+        let conn = open_conn(&p).unwrap();
+        assert_eq!(uci_state(&conn), (5, 2, 0, 0));
+        let revocations: i64 = conn
+            .query_row("SELECT count(*) FROM revocations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(revocations, 1);
+        let uniques: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'sqlite_autoindex_certificates%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(uniques, 0);
+        match l.reserve(&res(0), None) {
+            Err(LedgerError::DuplicateUvci { state }) => assert_eq!(state, "signed"),
+            other => panic!("expected a duplicate, got {other:?}"),
+        }
+        assert_eq!(l.find_by_uci_hash(&[0; 16]).unwrap().unwrap().id, 1);
+        assert!(l.find_request("c", "q-1").unwrap().is_some());
+        // New rows continue after the old ones.
+        assert_eq!(l.reserve(&res(9), None).unwrap(), ReservationId(6));
+    }
+
+    /// A second writer on the same file is refused while the first is open, and welcome after.
+    #[test]
+    fn a_ledger_has_one_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        let l = SqliteLedger::open(&p).unwrap();
+        match SqliteLedger::open(&p) {
+            Err(LedgerError::Database(m)) => assert!(m.contains("in use by another"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        drop(l);
+        SqliteLedger::open(&p).unwrap();
     }
 
     #[test]

@@ -393,9 +393,9 @@ impl RevocationStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < 4 {
+        if version < 7 {
             return Err(StoreError::Database(format!(
-                "ledger schema version {version} has no revocation tables; open it with the daemon first"
+                "ledger schema version {version} is older than this dccsign's (7); open it with the daemon first"
             )));
         }
         Ok(RevocationStore {
@@ -422,13 +422,14 @@ impl RevocationStore {
     pub fn find(&self, uci_hash: &RevocationHash) -> Result<Option<CertificateInfo>, StoreError> {
         let conn = self.conn();
         let found = conn
-            .prepare_cached(
+            .prepare_cached(concat!(
+                crate::ledger::find_sql!(),
                 "SELECT c.id, c.kid, c.cert_type, c.iat, c.exp, c.issuer, c.state,
                         r.reason, r.revoked_by, r.revoked_at, r.until, r.added_version, r.lifted_at,
                         (SELECT n.id FROM certificates n WHERE n.replaces = c.id AND n.state = 'signed')
                  FROM certificates c LEFT JOIN revocations r ON r.certificate_id = c.id
-                 WHERE c.uci_hash = ?1",
-            )?
+                 WHERE c.id = (SELECT id FROM hit)"
+            ))?
             .query_row(params![&uci_hash[..]], |r| {
                 let reason: Option<String> = r.get(7)?;
                 let revocation = match reason {

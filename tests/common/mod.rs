@@ -94,10 +94,17 @@ impl Dev {
         if !p.exists() {
             return (0, 0);
         }
-        use dccsign::ledger::Ledger;
-        let l = dccsign::ledger::SqliteLedger::open(&p).unwrap();
-        let c = l.counts().unwrap();
-        (c.reserved, c.signed)
+        // Read directly: the daemon may be running, and a ledger has one writer.
+        let c = rusqlite::Connection::open(&p).unwrap();
+        let count = |state: &str| -> u64 {
+            c.query_row(
+                "SELECT count(*) FROM certificates WHERE state = ?1",
+                [state],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        (count("reserved"), count("signed"))
     }
 
     /// Makes the user PIN file readable by everyone (which dccsign must refuse).
