@@ -6,7 +6,8 @@
 #   for i in 1 2 3; do bash benches/ab_run.sh /tmp/old/dccsign; bash benches/ab_run.sh target/release/dccsign; done
 # Prints the rate, the daemon/raw ratio and the CPU per certificate of each daemon thread
 # (benches/thread_cpu.py). RAW=0 leaves out the raw SoftHSM measurement (then the machine's
-# figures are the run's alone); SECS sets the duration (15 s).
+# figures are the run's alone); SECS sets the duration (15 s); WAIT=s waits that long after the
+# daemon is up (e.g. for the ledger writer's UVCI hash filter: ~3 s at 10 million rows).
 set -euo pipefail
 bin=$1
 conn=${CONN:-2}
@@ -31,6 +32,7 @@ for _ in $(seq 1 300); do
     [ -n "$addr" ] && break
     sleep 0.1
 done
+sleep "${WAIT:-0}"
 sync
 raw="--raw-hsm"
 [ "${RAW:-1}" = 0 ] && raw=""

@@ -14,6 +14,7 @@
 //!   of the request and, once signed, the signature — enough to rebuild the same bytes from the
 //!   re-sent payload, without storing the payload.
 
+mod bloom;
 mod checkpoint;
 mod sqlite;
 mod uci;

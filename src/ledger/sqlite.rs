@@ -249,16 +249,29 @@ fn writer_lock(path: &Path) -> Result<std::fs::File, LedgerError> {
         .write(true)
         .open(&p)
         .map_err(|e| cannot(&e))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(LedgerError::Database(format!(
-            "{} is in use by another dccsign process (a ledger has one writer: stop the \
-             daemon, or issue through it)",
-            path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(cannot(&e)),
+    // A writer that is closing (its last handle dropped, its queue draining) releases the lock
+    // within moments: wait for that, not for a writer that runs on.
+    let deadline = std::time::Instant::now() + WRITER_LOCK_WAIT;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Database(format!(
+                    "{} is in use by another dccsign process (a ledger has one writer: stop \
+                     the daemon, or issue through it)",
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(cannot(&e)),
+        }
     }
 }
+
+/// How long [`writer_lock`] waits for another writer of the file to close.
+const WRITER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn open_conn(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path)?;
@@ -641,7 +654,7 @@ impl SqliteLedger {
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let legacy = has_legacy_requests(&write_conn)?;
-        let uci = UciIndex::load(&write_conn, uci_recent_limit)?;
+        let uci = UciIndex::load(&write_conn, uci_recent_limit, Some(open_conn(path)?))?;
         let (checkpointer, poker) = Checkpointer::start(open_conn(path)?).map_err(|e| {
             LedgerError::Database(format!("cannot start the ledger checkpointer: {e}"))
         })?;
@@ -1183,7 +1196,7 @@ mod tests {
             LedgerWrite::Reserve(res(4), None),
         ];
         let group = unanswered(ops);
-        let mut uci = UciIndex::load(&conn, uci::RECENT_LIMIT).unwrap();
+        let mut uci = UciIndex::load(&conn, uci::RECENT_LIMIT, None).unwrap();
         let results = apply_group(&conn, false, &mut uci, &group).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         uci.committed();
