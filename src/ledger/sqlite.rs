@@ -141,7 +141,7 @@ CREATE UNIQUE INDEX certificates_request ON certificates (issuer, request_id)
     // The UVCI hashes move out of the `UNIQUE` index of `certificates` (a random leaf per
     // certificate) into `uci_index`, merged in hash order by the writer (`uci.rs`). SQLite
     // cannot drop a column's `UNIQUE`: the table is copied without it (foreign keys are off
-    // while migrations run; `migrate` checks them after): 220 s for 10.5 million rows on the
+    // while migrations run; `migrate` checks them after): 220 s for 18.9 million rows on the
     // development VM, and the file grows by the copy (its pages are reused by new rows).
     r#"
 CREATE TABLE certificates_v7 (
