@@ -474,12 +474,11 @@ fn write_reserve(
         }
         return Err(LedgerError::DuplicateUvci { state });
     }
-    // The id: above every id this writer saw (see `uci.rs`) and above every row.
+    // The id: above every id this writer saw (see `uci.rs`).
     let res = exec(
         c,
         "INSERT INTO certificates (id, uci_hash, country_uci_hash, cert_type, kid, iat, exp, state, reserved_at, issuer, replaces, request_id, request_hash)
-         VALUES (max(?12, (SELECT coalesce(max(id), 0) + 1 FROM certificates)),
-                 ?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11)",
+         VALUES (?12, ?1, ?2, ?3, ?4, ?5, ?6, 'reserved', ?7, ?8, ?9, ?10, ?11)",
         params![
             &r.uci_hash[..],
             &r.country_uci_hash[..],

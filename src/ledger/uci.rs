@@ -194,8 +194,9 @@ impl UciIndex {
         self.recent.len()
     }
 
-    /// The id to insert the next row with: `max(?, max(id) + 1)` in SQL, so that rows written
-    /// by another connection cannot collide with it.
+    /// The id to insert the next row with: above every row when the writer started (the mark
+    /// and the tail), and above every id it inserted since. Nothing else inserts certificates
+    /// while it runs (the writer lock in `sqlite.rs`).
     pub(super) fn next_id(&self) -> i64 {
         self.next_id
     }
@@ -384,8 +385,11 @@ impl UciIndex {
 
     fn start_merge_if_due(&mut self) {
         if self.merge.is_none() && self.recent.len() >= self.limit {
-            let hi = self.recent.values().copied().max().unwrap_or(self.through);
-            self.merge = Some(Merge { hi, after: None });
+            // Every committed row is below `next_id`, and no later row will be.
+            self.merge = Some(Merge {
+                hi: self.next_id - 1,
+                after: None,
+            });
         }
     }
 }
