@@ -13,10 +13,10 @@ daemon's per-client limit `max_in_flight_per_client` in the state directory's dc
 the widest run needs more than it allows, and says so); the last run also
 measures the raw SoftHSM rate (--raw-hsm, same thread count as the daemon's pool). The client
 names the certificates (unique UVCIs in the payloads); one more stream run at the highest level
-has the daemon derive them in the token instead (--uvci daemon). Then, per mode, an open-loop
-run at half of that mode's best closed-loop rate. Results go to OUT/sweep.json;
-OUT/throughput.svg and OUT/latency.svg are drawn from it (standard library only).
-A markdown table is printed for docs/benchmarks.md.
+has the daemon derive them in the token instead (--uvci daemon). Then, per mode, two open-loop
+runs at half of that mode's best closed-loop rate: messages evenly spaced, then Poisson
+arrivals. Results go to OUT/sweep.json; OUT/throughput.svg and OUT/latency.svg are drawn from
+it (standard library only). A markdown table is printed for docs/benchmarks.md.
 """
 
 import argparse
@@ -52,19 +52,20 @@ def start_daemon(binary, state_dir):
 
 
 def load(binary, state_dir, addr, mode, connections, concurrency, duration, rate=None,
-         raw=False, uvci="client"):
+         raw=False, uvci="client", arrivals="even"):
     cmd = [binary, "load", "--state-dir", state_dir, "--addr", addr, "--mode", mode,
            "--connections", str(connections), "--concurrency", str(concurrency),
            "--duration", str(duration), "--uvci", uvci, "--json"]
     if rate:
-        cmd += ["--rate", str(rate)]
+        cmd += ["--rate", str(rate), "--arrivals", arrivals]
     if raw:
         cmd.append("--raw-hsm")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if not r.stdout.strip():
         sys.exit("load failed: " + r.stderr[-2000:])
     res = json.loads(r.stdout)
-    label = f"{mode} {connections}x{concurrency}" + (f" @{rate:.0f}/s" if rate else "") + \
+    label = f"{mode} {connections}x{concurrency}" + \
+        (f" @{rate:.0f}/s {arrivals}" if rate else "") + \
         ("" if uvci == "client" else f" ({uvci} UVCI)")
     print(f"{label:28s} {res['certificates_per_second']:8.0f}/s  p99 "
           f"{res['latency_ms']['p99']:.1f} ms  errors {res['errors']}", file=sys.stderr)
@@ -99,12 +100,15 @@ def sweep(args):
             runs.append(load(binary, state, addr, "stream", args.connections, levels[-1],
                              args.duration, uvci="daemon"))
         if not args.no_open_loop:
-            # Per mode, open loop at half of its best closed-loop rate.
+            # Per mode, open loop at half of its best closed-loop rate: messages evenly spaced,
+            # then with Poisson arrivals (the gaps of many independent clients).
             for mode in modes:
                 best = max(r["certificates_per_second"] for r in runs
                            if r["mode"] == mode and uvci_of(r) == "client")
-                runs.append(load(binary, state, addr, mode, args.connections, OPEN_LOOP_IN_FLIGHT,
-                                 args.duration, rate=round(best / 2)))
+                for arrivals in ("even", "poisson"):
+                    runs.append(load(binary, state, addr, mode, args.connections,
+                                     OPEN_LOOP_IN_FLIGHT, args.duration, rate=round(best / 2),
+                                     arrivals=arrivals))
     finally:
         proc.terminate()
         proc.wait()
@@ -163,7 +167,9 @@ def table(data):
     for r in data["runs"]:
         lat = r["latency_ms"]
         rss = f"{r['daemon_rss_mib']:.1f} MiB" if r.get("daemon_rss_mib") else "—"
-        target = f"{r['target_rate']:.0f}/s open loop" if r.get("target_rate") else "closed loop"
+        target = "closed loop"
+        if r.get("target_rate"):
+            target = f"{r['target_rate']:.0f}/s open loop, {r.get('arrivals') or 'even'}"
         rows.append(
             f"| {r['mode']} | {uvci_of(r)} | {r['connections']} × {r['concurrency']} "
             f"| {target} | "
@@ -254,7 +260,7 @@ def plot(data, out):
     for r in picks:
         label = f"{r['mode']} {r['connections']}x{r['concurrency']}"
         if r.get("target_rate"):
-            label = f"{r['mode']} open loop {r['target_rate']:.0f}/s"
+            label = f"{r['mode']} {r.get('arrivals') or 'even'} {r['target_rate']:.0f}/s"
         series.append((label, [(q * 100, ms) for q, ms in r["latency_ms"]["cdf"] if q < 1.0]))
     with open(os.path.join(out, "latency.svg"), "w") as f:
         f.write(svg("Latency distribution (quantiles)", "quantile (%)", "latency (ms)", series,

@@ -13,6 +13,9 @@ use dccsign::config::Config;
 use dccsign::dcc::CertType;
 use serde_json::json;
 
+mod pace;
+use pace::{Arrivals, Pace};
+
 /// Arguments of `load`.
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
@@ -47,6 +50,10 @@ pub struct LoadArgs {
     /// queueing counts. Without it: closed loop at full speed.
     #[arg(long)]
     rate: Option<f64>,
+    /// With `--rate`: `even`, messages one interval apart (as wrk2 paces), or `poisson`,
+    /// exponentially distributed gaps of the same mean (independent clients: bursts happen).
+    #[arg(long, default_value = "even")]
+    arrivals: Arrivals,
     /// Who names each certificate: `client`, each request carries a UVCI of its own, unique
     /// per run (as a front-end that numbers its certificates); `daemon`, requests carry none
     /// and the daemon derives one in the token (HMAC-SHA256 over client and request id: one
@@ -89,6 +96,8 @@ enum Mode {
 #[derive(Default)]
 struct Stats {
     latencies_us: Mutex<Vec<u32>>,
+    /// Open loop: how late each message left against its due time.
+    lag_us: Mutex<Vec<u32>>,
     ok: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     verified: AtomicU64,
@@ -104,6 +113,15 @@ impl Stats {
             .unwrap_or_else(|p| p.into_inner())
             .push(us);
         self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message due at `due` leaves now.
+    fn sent(&self, due: Instant) {
+        let us = due.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        self.lag_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(us);
     }
 
     fn error(&self, code: String) {
@@ -380,6 +398,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 run: run_id.clone(),
                 verify_every: args.verify_every,
                 rate: per_conn_rate,
+                arrivals: args.arrivals,
             };
             let (mode, batch) = (args.mode, args.batch as usize);
             tasks.push(tokio::spawn(async move {
@@ -418,6 +437,12 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     lat.sort_unstable();
+    let mut lag = stats
+        .lag_us
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    lag.sort_unstable();
     let ok = stats.ok.load(Ordering::Relaxed);
     let rate = ok as f64 / elapsed.as_secs_f64();
     let errors = stats
@@ -431,11 +456,15 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         "connections": args.connections, "concurrency": args.concurrency,
         "batch": (args.mode == Mode::Batch).then_some(args.batch),
         "uvci": format!("{:?}", args.uvci).to_lowercase(),
-        "target_rate": args.rate, "seconds": elapsed.as_secs_f64(),
+        "target_rate": args.rate,
+        "arrivals": args.rate.map(|_| format!("{:?}", args.arrivals).to_lowercase()),
+        "seconds": elapsed.as_secs_f64(),
         "ok": ok, "certificates_per_second": rate,
         "latency_ms": {"p50": percentile(&lat, 0.50), "p90": percentile(&lat, 0.90),
                         "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999),
                         "cdf": LATENCY_CDF.iter().map(|q| json!([q, percentile(&lat, *q)])).collect::<Vec<_>>()},
+        "schedule_lag_ms": args.rate.map(|_| json!({"p50": percentile(&lag, 0.50),
+            "p90": percentile(&lag, 0.90), "p99": percentile(&lag, 0.99)})),
         "errors": errors,
         "verified": stats.verified.load(Ordering::Relaxed),
         "verify_failures": stats.verify_failures.load(Ordering::Relaxed),
@@ -462,7 +491,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             args.concurrency,
             summary["uvci"].as_str().unwrap_or(""),
             args.rate
-                .map(|r| format!(", target {r}/s"))
+                .map(|r| format!(", target {r}/s ({})", summary["arrivals"].as_str().unwrap_or("")))
                 .unwrap_or_default(),
             ok,
             elapsed.as_secs_f64(),
@@ -475,6 +504,14 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             percentile(&lat, 0.99),
             percentile(&lat, 0.999)
         );
+        if args.rate.is_some() {
+            println!(
+                "schedule: messages left late by p50 {:.2}  p90 {:.2}  p99 {:.2} ms",
+                percentile(&lag, 0.5),
+                percentile(&lag, 0.9),
+                percentile(&lag, 0.99)
+            );
+        }
         println!(
             "verified {} sampled responses, {} failures; errors: {:?}",
             summary["verified"], summary["verify_failures"], errors
@@ -628,42 +665,8 @@ struct Worker {
     verify_every: u64,
     /// Open-loop rate of this connection in certificates/s (`None`: closed loop).
     rate: Option<f64>,
-}
-
-/// The open-loop schedule of one connection: when each message is due. Latency counts from
-/// the due time, so a message held back by the in-flight limit or a slow sender counts its
-/// wait (no coordinated omission).
-struct Pace {
-    interval: Option<Duration>,
-    next: Instant,
-}
-
-impl Pace {
-    /// Messages of `size` certificates at `rate` certificates/s; closed loop without a rate.
-    fn new(rate: Option<f64>, size: usize) -> Pace {
-        Pace {
-            interval: rate.map(|r| Duration::from_secs_f64(size as f64 / r.max(0.001))),
-            next: Instant::now(),
-        }
-    }
-
-    /// Waits until the next message is due and returns its due time (closed loop: now).
-    async fn due(&mut self) -> Instant {
-        match self.interval {
-            Some(iv) => {
-                tokio::time::sleep_until(self.next.into()).await;
-                let due = self.next;
-                self.next += iv;
-                due
-            }
-            None => Instant::now(),
-        }
-    }
-
-    /// Whether the latency counts from the due time rather than from the send.
-    fn open(&self) -> bool {
-        self.interval.is_some()
-    }
+    /// How the open-loop messages are spread.
+    arrivals: Arrivals,
 }
 
 fn check(
@@ -694,14 +697,18 @@ async fn unary(w: Worker) {
         run,
         verify_every,
         rate,
+        arrivals,
     } = w;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
-    let mut pace = Pace::new(rate, 1);
+    let mut pace = Pace::new(rate, 1, arrivals);
     while Instant::now() < deadline {
         let scheduled = pace.due().await;
         let Ok(permit) = gate.clone().acquire_owned().await else {
             break;
         };
+        if pace.open() {
+            stats.sent(scheduled);
+        }
         let n = counter.fetch_add(1, Ordering::Relaxed);
         let req = request(n, &run, &payloads);
         let mut c = dccsign::api::client::issuance(ch.clone());
@@ -770,14 +777,19 @@ fn spawn_sender<M: Send + 'static>(
     wrap: impl Fn(u64, Vec<pb::IssueRequest>) -> (String, M) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let (deadline, counter) = (w.deadline, w.counter.clone());
-    let (payloads, run) = (w.payloads.clone(), w.run.clone());
-    let mut pace = Pace::new(w.rate, size);
+    let (payloads, run, stats) = (w.payloads.clone(), w.run.clone(), w.stats.clone());
+    let mut pace = Pace::new(w.rate, size, w.arrivals);
     tokio::spawn(async move {
         while Instant::now() < deadline {
             let due = pace.due().await;
             let Ok(p) = gate.acquire().await else { break };
             p.forget();
-            let t0 = if pace.open() { due } else { Instant::now() };
+            let t0 = if pace.open() {
+                stats.sent(due);
+                due
+            } else {
+                Instant::now()
+            };
             let first = counter.fetch_add(size as u64, Ordering::Relaxed);
             let items = (first..first + size as u64)
                 .map(|n| request(n, &run, &payloads))
