@@ -885,8 +885,9 @@ fn the_load_generator_reports_verified_throughput() {
         assert!(busy > 0.0 && stolen >= 0.0, "{m}");
         assert!(busy + stolen <= cpus + 1e-9, "{m}");
     }
-    // Open loop paces every mode: 100 certificates/s for 2 s is ~200, not as many as fit.
-    for mode in ["stream", "batch"] {
+    // Open loop paces every mode, evenly or with Poisson arrivals: 100 certificates/s for 2 s
+    // is ~200, not as many as fit; the report says how late the messages left.
+    for (mode, arrivals) in [("stream", "even"), ("batch", "even"), ("unary", "poisson")] {
         let out = load(&[
             "--mode",
             mode,
@@ -894,6 +895,8 @@ fn the_load_generator_reports_verified_throughput() {
             "2",
             "--rate",
             "100",
+            "--arrivals",
+            arrivals,
             "--duration",
             "2",
             "--json",
@@ -903,6 +906,9 @@ fn the_load_generator_reports_verified_throughput() {
         let ok = r["ok"].as_u64().unwrap();
         assert!((150..=260).contains(&ok), "{mode} at 100/s for 2 s: {r}");
         assert_eq!(r["errors"], json!({}));
+        assert_eq!(r["arrivals"], arrivals);
+        let lag = &r["schedule_lag_ms"];
+        assert!(lag["p99"].as_f64().unwrap() >= lag["p50"].as_f64().unwrap(), "{r}");
     }
     let out = load(&["--rate", "0", "--duration", "1"]);
     assert!(!out.status.success());
