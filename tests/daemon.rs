@@ -908,7 +908,10 @@ fn the_load_generator_reports_verified_throughput() {
         assert_eq!(r["errors"], json!({}));
         assert_eq!(r["arrivals"], arrivals);
         let lag = &r["schedule_lag_ms"];
-        assert!(lag["p99"].as_f64().unwrap() >= lag["p50"].as_f64().unwrap(), "{r}");
+        assert!(
+            lag["p99"].as_f64().unwrap() >= lag["p50"].as_f64().unwrap(),
+            "{r}"
+        );
     }
     let out = load(&["--rate", "0", "--duration", "1"]);
     assert!(!out.status.success());
