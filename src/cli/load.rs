@@ -368,6 +368,13 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         let start = Instant::now();
         let deadline = start + Duration::from_secs(args.duration);
         let per_conn_rate = args.rate.map(|r| r / channels.len() as f64);
+        let size = if args.mode == Mode::Batch {
+            args.batch.max(1) as usize
+        } else {
+            1
+        };
+        let paces = Pace::start(channels.len(), per_conn_rate, size, args.arrivals)
+            .map_err(|e| format!("cannot start the load generator's clock thread: {e}"))?;
         let progress = {
             let stats = stats.clone();
             tokio::spawn(async move {
@@ -386,7 +393,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
             })
         };
         let mut tasks = Vec::new();
-        for ch in channels {
+        for (ch, pace) in channels.into_iter().zip(paces) {
             let w = Worker {
                 ch,
                 in_flight: args.concurrency.max(1),
@@ -397,8 +404,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 payloads: payloads.clone(),
                 run: run_id.clone(),
                 verify_every: args.verify_every,
-                rate: per_conn_rate,
-                arrivals: args.arrivals,
+                pace,
             };
             let (mode, batch) = (args.mode, args.batch as usize);
             tasks.push(tokio::spawn(async move {
@@ -663,10 +669,8 @@ struct Worker {
     payloads: Payloads,
     run: String,
     verify_every: u64,
-    /// Open-loop rate of this connection in certificates/s (`None`: closed loop).
-    rate: Option<f64>,
-    /// How the open-loop messages are spread.
-    arrivals: Arrivals,
+    /// When each message is due (open loop), or always now (closed loop).
+    pace: Pace,
 }
 
 fn check(
@@ -696,11 +700,9 @@ async fn unary(w: Worker) {
         payloads,
         run,
         verify_every,
-        rate,
-        arrivals,
+        mut pace,
     } = w;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
-    let mut pace = Pace::new(rate, 1, arrivals);
     while Instant::now() < deadline {
         let scheduled = pace.due().await;
         let Ok(permit) = gate.clone().acquire_owned().await else {
@@ -727,15 +729,22 @@ async fn unary(w: Worker) {
     let _ = gate.acquire_many(k as u32).await;
 }
 
-async fn stream(w: Worker) {
+async fn stream(mut w: Worker) {
     let k = w.in_flight;
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
     let started = Started::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueRequest>(k);
-    let sender = spawn_sender(&w, 1, gate.clone(), started.clone(), tx, |_, mut items| {
-        let r = items.pop().unwrap_or_default();
-        (r.request_id.clone(), r)
-    });
+    let sender = spawn_sender(
+        &mut w,
+        1,
+        gate.clone(),
+        started.clone(),
+        tx,
+        |_, mut items| {
+            let r = items.pop().unwrap_or_default();
+            (r.request_id.clone(), r)
+        },
+    );
     let mut client = dccsign::api::client::issuance(w.ch.clone());
     let Ok(resp) = client
         .issue_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -769,7 +778,7 @@ fn sent(started: &Started, key: &str) -> Option<(Instant, u64)> {
 /// `gate` (open loop: no earlier than the message is due), of `size` consecutive requests that
 /// `wrap` turns into the message and its key.
 fn spawn_sender<M: Send + 'static>(
-    w: &Worker,
+    w: &mut Worker,
     size: usize,
     gate: Arc<tokio::sync::Semaphore>,
     started: Started,
@@ -778,7 +787,7 @@ fn spawn_sender<M: Send + 'static>(
 ) -> tokio::task::JoinHandle<()> {
     let (deadline, counter) = (w.deadline, w.counter.clone());
     let (payloads, run, stats) = (w.payloads.clone(), w.run.clone(), w.stats.clone());
-    let mut pace = Pace::new(w.rate, size, w.arrivals);
+    let mut pace = std::mem::replace(&mut w.pace, Pace::closed());
     tokio::spawn(async move {
         while Instant::now() < deadline {
             let due = pace.due().await;
@@ -831,7 +840,7 @@ fn record(
 
 /// `batch` mode: IssueBatches with `size` certificates per message and `in_flight`
 /// certificates (rounded up to whole batches) in flight.
-async fn batches(w: Worker, size: usize) {
+async fn batches(mut w: Worker, size: usize) {
     let size = size.max(1);
     let k = w.in_flight.div_ceil(size);
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
@@ -839,7 +848,7 @@ async fn batches(w: Worker, size: usize) {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::IssueBatchRequest>(k);
     let run = w.run.clone();
     let sender = spawn_sender(
-        &w,
+        &mut w,
         size,
         gate.clone(),
         started.clone(),
