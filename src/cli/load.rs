@@ -107,21 +107,13 @@ struct Stats {
 impl Stats {
     /// A signed certificate whose request started at `t0`.
     fn success(&self, t0: Instant) {
-        let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
-        self.latencies_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(us);
+        push_elapsed(&self.latencies_us, t0);
         self.ok.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A message due at `due` leaves now.
     fn sent(&self, due: Instant) {
-        let us = due.elapsed().as_micros().min(u32::MAX as u128) as u32;
-        self.lag_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(us);
+        push_elapsed(&self.lag_us, due);
     }
 
     fn error(&self, code: String) {
@@ -132,6 +124,19 @@ impl Stats {
             .entry(code)
             .or_default() += 1;
     }
+}
+
+/// Records the microseconds since `t0`.
+fn push_elapsed(samples: &Mutex<Vec<u32>>, t0: Instant) {
+    let us = t0.elapsed().as_micros().min(u32::MAX as u128) as u32;
+    samples.lock().unwrap_or_else(|p| p.into_inner()).push(us);
+}
+
+/// The samples, sorted for [`percentile`].
+fn sorted(samples: &Mutex<Vec<u32>>) -> Vec<u32> {
+    let mut v = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    v.sort_unstable();
+    v
 }
 
 /// The payload mix: 60 % vaccination, 35 % test, 5 % recovery.
@@ -437,18 +442,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         }
         None => None,
     };
-    let mut lat = stats
-        .latencies_us
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    lat.sort_unstable();
-    let mut lag = stats
-        .lag_us
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    lag.sort_unstable();
+    let (lat, lag) = (sorted(&stats.latencies_us), sorted(&stats.lag_us));
     let ok = stats.ok.load(Ordering::Relaxed);
     let rate = ok as f64 / elapsed.as_secs_f64();
     let errors = stats
