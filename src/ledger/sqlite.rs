@@ -362,8 +362,11 @@ fn writer(
 
 /// Merges a slice of the recent UVCI hashes into `uci_index` in the group's transaction, under
 /// a savepoint: a failure is logged and leaves the group's writes alone (the merge goes on with
-/// a later group).
+/// a later group). Without a merge under way, nothing (not even the savepoint).
 fn merge_slice(c: &Connection, uci: &mut UciIndex, group: usize) {
+    if !uci.merging() {
+        return;
+    }
     let r = run(c, "SAVEPOINT m").and_then(|_| {
         let r = uci.merge_slice(c, group);
         if r.is_err() {

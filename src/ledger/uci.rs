@@ -260,6 +260,11 @@ impl UciIndex {
         self.pending.truncate(mark);
     }
 
+    /// Whether a merge is under way (a group's transaction then merges a slice of it).
+    pub(super) fn merging(&self) -> bool {
+        self.merge.is_some()
+    }
+
     /// Merges the next slice of a due merge into `uci_index`, in the open transaction (the
     /// caller wraps it in a savepoint and calls [`UciIndex::slice_failed`] if it fails).
     pub(super) fn merge_slice(
