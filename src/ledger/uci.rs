@@ -43,12 +43,16 @@ use crate::revocation::hash::RevocationHash;
 /// How many recent hashes start a merge. With 10 million rows `uci_index` has ~60 000 leaves,
 /// so a merge of this many writes each leaf about once for two keys (a B-tree keyed at random
 /// wrote one leaf per key). It also bounds what a reader scans when a hash is not in the index
-/// (up to ~1.1 times this many rows) and the writer's memory (~50 bytes per hash, ~7 MiB).
+/// (up to ~1.5 times this many rows) and the writer's memory (~50 bytes per hash, ~10 MiB).
 pub(crate) const RECENT_LIMIT: usize = 131_072;
 
-/// Entries merged per group commit, beyond the group's own size (a slice is `group + this`
-/// long, so that a merge keeps ahead of the recent hashes that arrive while it runs).
-const SLICE_EXTRA: usize = 64;
+/// Entries merged per group commit beyond twice the group's size: a slice is `2 × group +
+/// this` long, so a merge runs at least twice as fast as hashes arrive (a group of `g` writes
+/// adds at most `g`), and the recent hashes peak at ~1.5 × [`RECENT_LIMIT`]. A slice
+/// proportional to the group keeps a small group's commit small: at moderate load (groups of
+/// one or two writes) a fixed 64 more made every commit of a merge several times as long, and
+/// the merges were where the tail latency came from (docs/benchmarks.md, eighteenth session).
+const SLICE_EXTRA: usize = 8;
 
 /// The query that finds the certificate id of a UVCI hash (`?1`) from any connection: the
 /// index, else the recent tail. `hit(id)` is a common table expression to start a statement
@@ -279,7 +283,7 @@ impl UciIndex {
             Some(h) => Bound::Excluded(h),
             None => Bound::Unbounded,
         };
-        let want = group + SLICE_EXTRA;
+        let want = 2 * group + SLICE_EXTRA;
         let mut last = None;
         let mut done = 0;
         let mut insert = c.prepare_cached(
