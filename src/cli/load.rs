@@ -411,7 +411,7 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
                 verify_every: args.verify_every,
                 pace,
             };
-            let (mode, batch) = (args.mode, args.batch as usize);
+            let (mode, batch) = (args.mode, size);
             tasks.push(tokio::spawn(async move {
                 match mode {
                     Mode::Unary => unary(w).await,
@@ -832,10 +832,9 @@ fn record(
     }
 }
 
-/// `batch` mode: IssueBatches with `size` certificates per message and `in_flight`
+/// `batch` mode: IssueBatches with `size` (at least 1) certificates per message and `in_flight`
 /// certificates (rounded up to whole batches) in flight.
 async fn batches(mut w: Worker, size: usize) {
-    let size = size.max(1);
     let k = w.in_flight.div_ceil(size);
     let gate = Arc::new(tokio::sync::Semaphore::new(k));
     let started = Started::default();
