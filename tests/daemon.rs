@@ -807,9 +807,20 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
             .unwrap_err();
     });
     let text = scrape(&metrics);
+    // The exporter (scrapes, and the upkeep that drains the histograms) has a thread of its
+    // own: on the request runtime it held up the requests behind it.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
     let _ = child.kill();
     let _ = child.wait();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        threads.iter().any(|n| n.starts_with("metrics-export")),
+        "no exporter thread among {threads:?}"
+    );
     for needle in [
         "dccsign_certificates_signed_total{type=\"vaccination\"",
         "client=\"spiffe://dccsign.dev/issuer-all\"",

@@ -78,21 +78,7 @@ pub async fn serve(
     // Metrics first: handles taken before the recorder is installed (e.g. by the HSM pool's
     // workers) would stay no-ops.
     if let Some(addr) = server_cfg.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .set_buckets(&[
-                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.02,
-                0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
-            .and_then(|b| {
-                b.set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full("dccsign_ledger_group_size".into()),
-                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
-                )
-            })
-            .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
-            .install()
-            .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))?;
+        install_metrics(addr)?;
     }
 
     // Start-up checks, each failing with one line.
@@ -307,4 +293,33 @@ pub async fn serve(
     drop(issuer);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Installs the Prometheus recorder and its HTTP listener on `addr`.
+///
+/// The exporter runs on a thread of its own, with its own single-threaded runtime: both a
+/// scrape and the upkeep that drains the histograms every 5 seconds take milliseconds at load
+/// (they bucket every sample recorded since), and on the request runtime they held up every
+/// request behind them (docs/benchmarks.md, nineteenth session). `install` makes that thread
+/// when it is called outside a runtime, hence the scoped thread here.
+fn install_metrics(addr: std::net::SocketAddr) -> Result<(), ServeError> {
+    let install = || {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets(&[
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01, 0.015, 0.02,
+                0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("dccsign_ledger_group_size".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+                )
+            })
+            .map_err(|e| ServeError::Server(format!("metrics: {e}")))?
+            .install()
+            .map_err(|e| ServeError::Server(format!("metrics listener {addr}: {e}")))
+    };
+    std::thread::scope(|s| s.spawn(install).join())
+        .map_err(|_| ServeError::Server("metrics: the installing thread panicked".into()))?
 }
