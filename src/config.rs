@@ -421,7 +421,9 @@ pub struct ServerConfig {
     /// (default 1 MiB; a batch also holds at most 256 items).
     #[serde(default = "default_max_batch")]
     pub max_batch_bytes: usize,
-    /// Requests one client may have in flight (default 256); more get RESOURCE_EXHAUSTED.
+    /// Requests one client may have in flight (default 256); more get RESOURCE_EXHAUSTED. This
+    /// bound and the token bucket below are one budget per client across its issuance and
+    /// revocation calls.
     #[serde(default = "default_in_flight")]
     pub max_in_flight_per_client: usize,
     /// Sustained requests per second per client (token bucket).

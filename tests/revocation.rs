@@ -422,6 +422,52 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     }
 }
 
+/// Revocation calls count against the caller's limits, the same budget as its issuance: past
+/// the burst, a call is refused as overloaded (2-60-5005) before it reaches the store, and other
+/// clients go on.
+#[test]
+fn revocation_calls_count_against_the_callers_limits() {
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c
+            .replace("rate_per_second = 20000", "rate_per_second = 0.001")
+            .replace("rate_burst = 40000", "rate_burst = 3");
+    });
+    // Three tokens for issuer-all: one issuance and two revocation calls (a refusal by the
+    // store counts too).
+    let (uvci, _) = issue(&d, "issuer-all", "vaccination", true);
+    ok(revoke(
+        &d,
+        "issuer-all",
+        &uvci,
+        "suspended",
+        Some("2099-01-01T00:00:00Z"),
+    ));
+    revoke(
+        &d,
+        "issuer-all",
+        "URN:UVCI:01:SE:DEV/NOSUCHONE1",
+        "fraud",
+        None,
+    );
+    let o = revoke(&d, "issuer-all", &uvci, "fraud", None);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(err.contains("2-60-5005"), "{err}");
+    assert!(err.contains("ResourceExhausted"), "{err}");
+    // Refused before the store: the suspension stands, not turned into fraud.
+    assert_eq!(
+        count(
+            &d,
+            "SELECT count(*) FROM revocations WHERE reason = 'suspended'"
+        ),
+        1
+    );
+    assert_eq!(count(&d, "SELECT count(*) FROM revocations"), 1);
+    // Another client has its own budget.
+    let (other, _) = issue(&d, "issuer-test", "test", false);
+    ok(revoke(&d, "issuer-test", &other, "fraud", None));
+}
+
 #[test]
 fn bulk_revocation_needs_a_second_officer() {
     let d = Daemon::start();

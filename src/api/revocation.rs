@@ -6,10 +6,12 @@
 use std::sync::Arc;
 
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Caller, Service};
 use super::issuance::{spawn_issue, uvci_prefix, Body};
+use super::limits::Limits;
 use super::{error, pb};
 use crate::config::Role;
 use crate::dcc::CertType;
@@ -26,6 +28,7 @@ pub struct RevocationService {
     issuer: Arc<Issuer>,
     authz: Arc<Authorizer>,
     manager: Arc<KeyManager>,
+    limits: Arc<Limits>,
 }
 
 impl std::fmt::Debug for RevocationService {
@@ -64,19 +67,31 @@ fn parse_time(field: &'static str, s: &str) -> Result<i64, Status> {
 
 impl RevocationService {
     /// A service over the engine; replacements are issued by `issuer`; bulk revocations go
-    /// through `manager`'s two-person operations.
+    /// through `manager`'s two-person operations. Every call counts against the caller's
+    /// `limits`, the same ones its issuance requests count against.
     pub fn new(
         engine: Arc<RevocationEngine>,
         issuer: Arc<Issuer>,
         authz: Arc<Authorizer>,
         manager: Arc<KeyManager>,
+        limits: Arc<Limits>,
     ) -> Self {
         RevocationService {
             engine,
             issuer,
             authz,
             manager,
+            limits,
         }
+    }
+
+    /// Authorises the caller and admits the call under its limits (requests in flight and
+    /// rate): overload is refused with RESOURCE_EXHAUSTED here as on issuance. The permit is
+    /// held while the call runs.
+    fn admit<T>(&self, req: &Request<T>) -> Result<(Caller, OwnedSemaphorePermit), Status> {
+        let caller = self.authz.authorize(req, Service::Revocation, "")?;
+        let permit = self.limits.admit(&caller.identity, "")?;
+        Ok((caller, permit))
     }
 
     /// Runs blocking store/token work on the blocking pool, mapping its error once.
@@ -119,7 +134,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         let r = req.into_inner();
         let reason: Reason = r
             .reason
@@ -156,7 +171,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::ReplaceRequest>,
     ) -> Result<Response<pb::ReplaceResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         if caller.config.role != Role::Issuer {
             return Err(error::permission_denied(
                 "only issuers replace certificates (officers revoke)",
@@ -220,7 +235,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::LiftRequest>,
     ) -> Result<Response<pb::LiftResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let cert = self.certificate(&caller, &req.get_ref().uvci).await?;
         let by = caller.identity.clone();
@@ -236,7 +251,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::BulkRevocationRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let r = req.into_inner();
         let reason: Reason = r
@@ -284,7 +299,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::ExportBatchesRequest>,
     ) -> Result<Response<pb::ExportBatchesResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let (built, batches) = self
             .run(|e| {
@@ -316,7 +331,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::RunOutboxRequest>,
     ) -> Result<Response<pb::RunOutboxResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let r = self
             .engine
@@ -339,7 +354,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::GetListRequest>,
     ) -> Result<Response<pb::GetListResponse>, Status> {
-        self.authz.authorize(&req, Service::Revocation, "")?;
+        let _admitted = self.admit(&req)?;
         let r = req.into_inner();
         let kid: [u8; 8] = r
             .kid
@@ -362,7 +377,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Revocation, "")?;
+        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let (version, st) = self
             .run(|e| Ok((e.store().version()?, e.store().status()?)))

@@ -215,12 +215,19 @@ pub async fn serve(
             }
         });
     }
+    // One budget per client across its issuance and revocation calls.
+    let limits = Arc::new(Limits::new(
+        server_cfg.max_in_flight_per_client,
+        server_cfg.rate_per_second,
+        server_cfg.rate_burst,
+    ));
     let revocation_service =
         pb::revocation_server::RevocationServer::new(super::revocation::RevocationService::new(
             revocation,
             issuer.clone(),
             authz.clone(),
             manager.clone(),
+            limits.clone(),
         ))
         .max_decoding_message_size(server_cfg.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
@@ -229,16 +236,7 @@ pub async fn serve(
         cfg.hsm.token.clone(),
         Some(manager),
     ));
-    let service = IssuanceService::new(
-        issuer.clone(),
-        authz,
-        Arc::new(Limits::new(
-            server_cfg.max_in_flight_per_client,
-            server_cfg.rate_per_second,
-            server_cfg.rate_burst,
-        )),
-        server_cfg.max_stream_items,
-    );
+    let service = IssuanceService::new(issuer.clone(), authz, limits, server_cfg.max_stream_items);
     let bulk = pb::bulk_issuance_server::BulkIssuanceServer::new(service.clone())
         .max_decoding_message_size(server_cfg.max_batch_bytes);
     let issuance = pb::issuance_server::IssuanceServer::new(service)
