@@ -1015,3 +1015,119 @@ fn async_workers_sets_the_runtime_threads_beside_the_hsm_workers() {
     });
     assert!(d.terminate().success());
 }
+
+/// A reservation left by a process that stopped between reservation and completion keeps its
+/// request id "in progress" (`2-60-5008`). The daemon names it at start-up; with the daemon
+/// stopped, `dccsign ledger interrupted` lists it and `--release` frees it after recording the
+/// release in the audit log; the retry then issues.
+#[test]
+fn an_interrupted_reservation_is_reported_listed_and_released() {
+    use dccsign::ledger::{Ledger, RequestKey, Reservation, SqliteLedger};
+    use sha2::{Digest, Sha256};
+    let mut d = Daemon::start();
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let payload = d.dev.example("vaccination");
+    // The daemon derives the UVCI from the request id with a key in the token; the row only
+    // needs the request's key (client, request id, hash) to block the retry.
+    let uvci = "URN:UVCI:01:SE:DEV/CRASHED1";
+    let (client, rid) = ("spiffe://dccsign.dev/issuer-all", "crashed-1");
+    let list = |d: &Daemon, extra: &[&str]| {
+        let mut args = vec!["ledger", "interrupted", "--state-dir", &dir];
+        args.extend_from_slice(extra);
+        d.dev.run(&args)
+    };
+    // One writer per ledger: not while the daemon runs.
+    let busy = list(&d, &[]);
+    assert!(!busy.status.success());
+    assert!(
+        common::stderr(&busy).contains("in use by another dccsign process"),
+        "{}",
+        common::stderr(&busy)
+    );
+    // What a crash after the reservation leaves: the request's row, never completed.
+    assert!(d.terminate().success());
+    let mut request_hash = Sha256::new();
+    request_hash.update(b"vaccination");
+    request_hash.update([0, b'j']);
+    request_hash.update(payload.to_string().as_bytes());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let id = SqliteLedger::open(&d.dev.file("ledger.sqlite"))
+        .unwrap()
+        .reserve(
+            &Reservation {
+                uci_hash: dccsign::revocation::hash::uci_hash(uvci),
+                country_uci_hash: dccsign::revocation::hash::country_uci_hash("SE", uvci),
+                cert_type: dccsign::dcc::CertType::Vaccination,
+                kid: [1; 8],
+                iat: now,
+                exp: now + 3600,
+                replaces: None,
+            },
+            Some(&RequestKey {
+                client: client.into(),
+                request_id: rid.into(),
+                request_hash: request_hash.finalize().into(),
+            }),
+        )
+        .unwrap()
+        .0;
+    d.restart();
+    assert!(
+        d.log().contains("interrupted reservations") && d.log().contains(&format!("[{id}]")),
+        "{}",
+        d.log()
+    );
+    let issue = |d: &Daemon| {
+        rt().block_on(async {
+            let ch = d.channel("issuer-all").await.unwrap();
+            dccsign::api::client::issuance(ch)
+                .issue(issue_request("vaccination", &payload, rid))
+                .await
+        })
+    };
+    let err = issue(&d).unwrap_err();
+    assert_eq!(error_detail(&err).code, "2-60-5008", "{err}");
+
+    // Listed (daemon stopped), then released.
+    assert!(d.terminate().success());
+    let out = list(&d, &[]);
+    let text = common::stdout(&out);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(text.contains(&format!("{id}\treserved ")), "{text}");
+    assert!(
+        text.contains(&format!("client {client}\trequest {rid}")),
+        "{text}"
+    );
+    assert!(text.contains("1 interrupted reservation(s)"), "{text}");
+    let wrong = list(&d, &["--release", &(id + 1000).to_string()]);
+    assert!(!wrong.status.success());
+    assert!(common::stderr(&wrong).contains("not an interrupted reservation"));
+    let out = list(&d, &["--release", &id.to_string()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    assert!(
+        common::stdout(&out).contains(&format!("released {id}")),
+        "{}",
+        common::stdout(&out)
+    );
+    let (operation, officer, parameters): (String, String, String) =
+        rusqlite::Connection::open(d.dev.file("control.sqlite"))
+            .unwrap()
+            .query_row(
+                "SELECT operation, officer, parameters FROM audit ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+    assert_eq!(operation, "ledger.release-interrupted");
+    assert!(officer.starts_with("local:"), "{officer}");
+    assert!(parameters.contains(rid), "{parameters}");
+    let verify = d.dev.run(&["audit", "verify", "--state-dir", &dir]);
+    assert!(verify.status.success(), "{}", common::stderr(&verify));
+    assert!(common::stdout(&list(&d, &[])).contains("0 interrupted reservation(s)"));
+
+    // The retry issues, and the start-up no longer warns.
+    d.restart();
+    issue(&d).unwrap();
+    assert_eq!(d.log().matches("interrupted reservations").count(), 1);
+    d.dev.assert_no_personal_data(&d.log());
+}

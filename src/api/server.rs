@@ -104,6 +104,7 @@ pub async fn serve(
         ));
     }
     let ledger = SqliteLedger::open(&cfg.resolve(&cfg.ledger.path))?;
+    report_interrupted(&ledger)?;
     token.set_session_copies(cfg.hsm.session_key_copies);
     let hsm_workers = cfg.pool_size();
     let pool = token.signing_pool(hsm_workers, cfg.hsm.queue)?;
@@ -290,6 +291,26 @@ pub async fn serve(
     // The issuer (pool, ledger connection) is dropped here: workers join, SQLite closes.
     drop(issuer);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Says at start-up which reservations a stopped process left behind (among the recent rows,
+/// where they are: a cheap check), as a warning and as `dccsign_ledger_interrupted_reservations`.
+/// Their UVCIs and request ids stay blocked (a retry gets `2-60-5008`) until an operator
+/// releases them with `dccsign ledger interrupted --release` (docs/operations.md).
+fn report_interrupted(ledger: &SqliteLedger) -> Result<(), ServeError> {
+    let found = ledger.interrupted_recent()?;
+    metrics::gauge!("dccsign_ledger_interrupted_reservations").set(found.len() as f64);
+    if !found.is_empty() {
+        let ids: Vec<i64> = found.iter().map(|i| i.id).collect();
+        tracing::warn!(
+            count = found.len(),
+            ids = ?ids,
+            "interrupted reservations: a process stopped between reservation and completion; \
+             their UVCIs and request ids stay blocked until released with `dccsign ledger \
+             interrupted --release` (daemon stopped)"
+        );
+    }
     Ok(())
 }
 

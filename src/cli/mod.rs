@@ -5,6 +5,7 @@
 mod example;
 mod issue;
 mod keys;
+mod ledger;
 mod load;
 mod revocation;
 mod serve;
@@ -96,6 +97,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// The audit log of key operations.
     Audit(keys::AuditArgs),
+    /// Offline operator commands on the ledger (the daemon stopped): interrupted reservations.
+    Ledger(ledger::LedgerArgs),
     /// Write the trust list for verifiers: active DSCs and retired ones still needed (officer).
     TrustList(keys::TrustListArgs),
     /// Revoke a certificate by its UVCI (issuers: their own; officers: any).
@@ -172,6 +175,7 @@ pub fn run() -> ExitCode {
         Command::Load(args) => load::run(args),
         Command::Keys(a) => keys::keys(a),
         Command::Audit(a) => keys::audit(a),
+        Command::Ledger(a) => ledger::ledger(a),
         Command::TrustList(a) => keys::trust_list(a),
         Command::Revoke(a) => revocation::revoke(a),
         Command::Replace(a) => revocation::replace(a),

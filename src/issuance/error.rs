@@ -30,7 +30,7 @@ pub enum IssueError {
     RequestIdReused,
     /// The request id is recorded but its signature is not (yet): another attempt is in
     /// progress, or one was interrupted.
-    #[error("request_id: an attempt with this request id is in progress or was interrupted; retry later [2-60-5008]")]
+    #[error("request_id: an attempt with this request id is in progress or was interrupted; retry later (one interrupted by a stopped daemon waits for an operator: dccsign ledger interrupted) [2-60-5008]")]
     RequestInProgress,
     /// The certificate to replace is revoked, already replaced or not signed.
     #[error("uvci: {0} [2-60-8004 not-replaceable]")]

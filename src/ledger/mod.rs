@@ -132,6 +132,25 @@ pub struct LedgerCounts {
     pub signed: u64,
 }
 
+/// A reservation that was never completed nor released: the process stopped between
+/// reservation and completion (or the completion failed). Its UVCI and request id stay blocked
+/// until an operator releases it (`dccsign ledger interrupted`; docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interrupted {
+    /// Row id.
+    pub id: i64,
+    /// Certificate type.
+    pub cert_type: String,
+    /// kid of the DSC that was to sign.
+    pub kid: [u8; 8],
+    /// When it was reserved (Unix seconds).
+    pub reserved_at: i64,
+    /// The client that asked for it (`None` for offline issuance).
+    pub issuer: Option<String>,
+    /// The client's request id, if it gave one.
+    pub request_id: Option<String>,
+}
+
 /// A write to the ledger. Reserve returns the new reservation's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LedgerWrite {

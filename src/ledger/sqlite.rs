@@ -9,8 +9,8 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use super::checkpoint::{self, Checkpointer, Poker};
 use super::uci::{self, find_sql, UciIndex};
 use super::{
-    CertificateRecord, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince, RequestKey,
-    Reservation, ReservationId, StoredRequest, WriteReply, WriteResult,
+    CertificateRecord, Interrupted, Ledger, LedgerCounts, LedgerError, LedgerWrite, RecordedSince,
+    RequestKey, Reservation, ReservationId, StoredRequest, WriteReply, WriteResult,
 };
 use crate::dcc::CertType;
 use crate::revocation::hash::RevocationHash;
@@ -684,6 +684,46 @@ impl SqliteLedger {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every interrupted reservation (rows still `reserved`), oldest first. Reads the whole
+    /// table (no index on the state): seconds at 10 million rows. While this handle is open no
+    /// other process writes the ledger (the writer lock), so a `reserved` row it did not make
+    /// itself belongs to a process that stopped.
+    pub fn interrupted(&self) -> Result<Vec<Interrupted>, LedgerError> {
+        self.interrupted_where("")
+    }
+
+    /// The interrupted reservations among the recent rows (those not yet merged into
+    /// `uci_index`, at most ~200 000): where the rows of a process that stopped mid-issuance
+    /// are, cheap enough to check at every start. A reservation kept after a failed completion
+    /// may have been merged since; [`SqliteLedger::interrupted`] finds those too.
+    pub fn interrupted_recent(&self) -> Result<Vec<Interrupted>, LedgerError> {
+        self.interrupted_where(
+            "AND id > (SELECT value FROM counters WHERE name = 'uci_indexed_through')",
+        )
+    }
+
+    fn interrupted_where(&self, and: &str) -> Result<Vec<Interrupted>, LedgerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, cert_type, kid, reserved_at, issuer, request_id FROM certificates
+             WHERE state = 'reserved' {and} ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            let kid: Vec<u8> = r.get(2)?;
+            Ok(Interrupted {
+                id: r.get(0)?,
+                cert_type: r.get(1)?,
+                kid: kid.try_into().map_err(|_| {
+                    rusqlite::Error::InvalidColumnType(2, "kid".into(), rusqlite::types::Type::Blob)
+                })?,
+                reserved_at: r.get(3)?,
+                issuer: r.get(4)?,
+                request_id: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn migrate(&self) -> Result<(), LedgerError> {
         let mut conn = self.conn();
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -1255,6 +1295,53 @@ mod tests {
         r.uci_hash[..4].copy_from_slice(&n.to_be_bytes());
         r.country_uci_hash[..4].copy_from_slice(&n.to_be_bytes());
         r
+    }
+
+    /// Reservations left `reserved` are listed after a reopen (as after a crash), with who asked
+    /// and when, also once merged into `uci_index`; releasing one frees its UVCI and request id.
+    #[test]
+    fn interrupted_reservations_are_listed_and_can_be_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite");
+        let key = |id: &str| RequestKey {
+            client: "spiffe://x/front".into(),
+            request_id: id.into(),
+            request_hash: [3; 32],
+        };
+        {
+            let l = SqliteLedger::open_with(&path, 4).unwrap();
+            let done = l.reserve(&res_n(1), None).unwrap();
+            l.complete(done, &[9; 16], &[0; 64]).unwrap();
+            l.reserve(&res_n(2), Some(&key("order-2"))).unwrap();
+            l.reserve(&res_n(3), None).unwrap();
+            // Dropped without completing 2 and 3, as a process that stops.
+        }
+        let l = SqliteLedger::open_with(&path, 4).unwrap();
+        let found = l.interrupted().unwrap();
+        assert_eq!(found.iter().map(|i| i.id).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(found[0].issuer.as_deref(), Some("spiffe://x/front"));
+        assert_eq!(found[0].request_id.as_deref(), Some("order-2"));
+        assert_eq!(found[0].kid, [7; 8]);
+        assert_eq!(found[0].cert_type, "test");
+        assert!(found[0].reserved_at > 0);
+        assert_eq!(found[1].request_id, None);
+        assert_eq!(l.interrupted_recent().unwrap(), found);
+        // Merges (four recent hashes start one) move both rows into uci_index: the full list
+        // still has them.
+        for n in 10..40 {
+            let id = l.reserve(&res_n(n), None).unwrap();
+            l.complete(id, &[9; 16], &[0; 64]).unwrap();
+        }
+        assert!(uci_state(&l.conn()).0 >= 3, "no merge went past the rows");
+        assert_eq!(l.interrupted().unwrap(), found);
+        // Blocked until released; then free again.
+        assert!(matches!(
+            l.reserve(&res_n(2), Some(&key("order-2"))),
+            Err(LedgerError::DuplicateRequest)
+        ));
+        l.release(ReservationId(2)).unwrap();
+        assert_eq!(l.interrupted().unwrap(), found[1..].to_vec());
+        l.reserve(&res_n(2), Some(&key("order-2"))).unwrap();
     }
 
     /// `(mark, entries of uci_index, rows at or below the mark missing from uci_index, entries
