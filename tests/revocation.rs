@@ -422,6 +422,99 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     }
 }
 
+/// Single revocations, lifts and replacements are in the audit log: who, which ledger row and
+/// kid, the reason and the outcome (never the UVCI); refused calls add nothing, and the chain
+/// verifies.
+#[test]
+fn single_revocations_lifts_and_replacements_are_audited() {
+    let d = Daemon::start();
+    let (uvci_a, _) = issue(&d, "issuer-all", "vaccination", true);
+    let (uvci_b, _) = issue(&d, "issuer-all", "test", false);
+    let id_of = |uvci: &str| -> i64 {
+        ledger(&d)
+            .query_row(
+                "SELECT id FROM certificates WHERE uci_hash = ?1",
+                [&dccsign::revocation::hash::uci_hash(uvci)[..]],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let (a, b) = (id_of(&uvci_a), id_of(&uvci_b));
+    ok(revoke(
+        &d,
+        "issuer-all",
+        &uvci_a,
+        "suspended",
+        Some("2099-01-01T00:00:00Z"),
+    ));
+    refused(
+        revoke(&d, "issuer-test", &uvci_a, "fraud", None),
+        "2-60-8003",
+    );
+    ok(cli(
+        &d,
+        "officer-1",
+        &["revocation", "lift", "--uvci", &uvci_a],
+    ));
+    let corrected = payload_file(&d, "test", false);
+    ok(replace(&d, "issuer-all", &uvci_b, &corrected));
+
+    let control = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let mut stmt = control
+        .prepare(
+            "SELECT officer, operation, parameters, result FROM audit
+             WHERE operation LIKE 'revocation.%' ORDER BY seq",
+        )
+        .unwrap();
+    let entries: Vec<(String, String, serde_json::Value, String)> = stmt
+        .query_map([], |r| {
+            let p: String = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                serde_json::from_str(&p).unwrap(),
+                r.get(3)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let id = |n: &str| format!("spiffe://dccsign.dev/{n}");
+    let ops: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(o, op, _, _)| (o.as_str(), op.as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![
+            (id("issuer-all").as_str(), "revocation.revoke"),
+            (id("officer-1").as_str(), "revocation.lift"),
+            (id("issuer-all").as_str(), "revocation.replace"),
+        ]
+    );
+    assert_eq!(entries[0].2["certificate_id"], a);
+    assert_eq!(entries[0].2["reason"], "suspended");
+    assert!(entries[0].2["until"].is_i64(), "{}", entries[0].2);
+    assert!(
+        entries[0].3.starts_with("ok: list version "),
+        "{}",
+        entries[0].3
+    );
+    assert_eq!(entries[1].2["certificate_id"], a);
+    assert_eq!(entries[2].2["certificate_id"], b);
+    assert_eq!(entries[0].2["kid"].as_str().unwrap().len(), 16);
+    for (_, _, p, _) in &entries {
+        let text = p.to_string();
+        assert!(
+            !text.contains("URN:UVCI") && !text.contains(&uvci_a),
+            "{text}"
+        );
+    }
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let verify = d.dev.run(&["audit", "verify", "--state-dir", &dir]);
+    assert!(verify.status.success(), "{}", stderr(&verify));
+}
+
 /// Revocation calls count against the caller's limits, the same budget as its issuance: past
 /// the burst, a call is refused as overloaded (2-60-5005) before it reaches the store, and other
 /// clients go on.

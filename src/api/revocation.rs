@@ -106,6 +106,32 @@ impl RevocationService {
             .map_err(|e| error::from_revocation(&e))
     }
 
+    /// Appends the audit entry of a revocation, lift or replacement that took effect (see
+    /// [`KeyManager::record_external`]). The parameters name the ledger row and the kid, never
+    /// the UVCI. An entry that cannot be written fails the call with INTERNAL, saying that the
+    /// change itself stands.
+    async fn audit(
+        &self,
+        caller: &Caller,
+        operation: &'static str,
+        parameters: serde_json::Value,
+        result: String,
+    ) -> Result<(), Status> {
+        let (m, who) = (self.manager.clone(), caller.identity.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            m.record_external(&who, operation, parameters, &result, now())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("audit task failed: {e}")))?;
+        written.map_err(|e| {
+            tracing::error!(client = %caller.identity, operation, error = %e,
+                "the change took effect but its audit entry could not be written");
+            Status::internal(format!(
+                "{operation} took effect, but its audit entry could not be written: {e}"
+            ))
+        })
+    }
+
     /// The certificate a UVCI names, if the caller may act on it.
     async fn certificate(&self, caller: &Caller, uvci: &str) -> Result<CertificateInfo, Status> {
         let uvci = uvci.trim();
@@ -159,6 +185,18 @@ impl pb::revocation_server::Revocation for RevocationService {
             .await?;
         tracing::info!(client = %caller.identity, kid = %hex::encode(cert.kid), reason = reason.as_str(),
             version = outcome.version, already = outcome.already, "certificate revoked");
+        self.audit(
+            &caller,
+            "revocation.revoke",
+            json!({"certificate_id": id, "kid": hex::encode(cert.kid),
+                   "reason": reason.as_str(), "until": until}),
+            if outcome.already {
+                format!("ok: already revoked (list version {})", outcome.version)
+            } else {
+                format!("ok: list version {}", outcome.version)
+            },
+        )
+        .await?;
         metrics::counter!("dccsign_revocations_total", "reason" => reason.as_str()).increment(1);
         Ok(Response::new(pb::RevokeResponse {
             version: outcome.version,
@@ -222,6 +260,14 @@ impl pb::revocation_server::Revocation for RevocationService {
             })?;
         tracing::info!(client = %caller.identity, old_kid = %hex::encode(old.kid),
             kid = %hex::encode(issued.kid), "certificate replaced");
+        self.audit(
+            &caller,
+            "revocation.replace",
+            json!({"certificate_id": old.id, "kid": hex::encode(old.kid),
+                   "new_kid": hex::encode(issued.kid)}),
+            "ok: replaced (a retry gets the same answer)".into(),
+        )
+        .await?;
         metrics::counter!("dccsign_revocations_total", "reason" => "replaced").increment(1);
         let resp = tokio::task::spawn_blocking(move || super::issuance::response(rid, issued, qr))
             .await
@@ -244,6 +290,13 @@ impl pb::revocation_server::Revocation for RevocationService {
             .run(move |e| e.store().lift(id, &by, now()).map_err(EngineError::from))
             .await?;
         tracing::info!(client = %caller.identity, kid = %hex::encode(cert.kid), version, "revocation lifted");
+        self.audit(
+            &caller,
+            "revocation.lift",
+            json!({"certificate_id": id, "kid": hex::encode(cert.kid)}),
+            format!("ok: list version {version}"),
+        )
+        .await?;
         Ok(Response::new(pb::LiftResponse { version }))
     }
 

@@ -1,4 +1,4 @@
-//! The audit log of key operations: append-only and hash-chained.
+//! The audit log of key operations, revocations and ledger repairs: append-only and hash-chained.
 //!
 //! Each entry holds the SHA-256 of the previous entry, the time, the officer, the operation, its
 //! exact parameters, the approvals and the result; its own hash covers all of them. Entries are

@@ -349,6 +349,29 @@ impl KeyManager {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Appends the entry of an operation that took effect outside the control database (a
+    /// single revocation, lift or replacement in the ledger), by `officer` (the caller's
+    /// identity) with `result`. No transaction spans both databases, so the entry follows the
+    /// effect, as for an approved operation carried out in the ledger; the caller reports an
+    /// entry that could not be written.
+    pub fn record_external(
+        &self,
+        officer: &str,
+        operation: &str,
+        parameters: Value,
+        result: &str,
+        now: i64,
+    ) -> Result<(), KeyOpError> {
+        let record = Record {
+            officer,
+            operation,
+            parameters,
+            approvals: &[],
+            result,
+        };
+        self.audited(record, now, |_| Ok(()))
+    }
+
     /// Runs `effect` and appends the audit entry in one transaction; fails (and rolls back)
     /// when the entry cannot be written.
     fn audited<T>(
