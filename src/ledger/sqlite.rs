@@ -631,6 +631,12 @@ fn hash16(v: Vec<u8>) -> Result<RevocationHash, rusqlite::Error> {
     })
 }
 
+fn kid8(v: Vec<u8>) -> Result<[u8; 8], rusqlite::Error> {
+    v.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob)
+    })
+}
+
 impl SqliteLedger {
     /// Opens (creating if needed) the database and applies migrations.
     pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
@@ -709,13 +715,10 @@ impl SqliteLedger {
              WHERE state = 'reserved' {and} ORDER BY id"
         ))?;
         let rows = stmt.query_map([], |r| {
-            let kid: Vec<u8> = r.get(2)?;
             Ok(Interrupted {
                 id: r.get(0)?,
                 cert_type: r.get(1)?,
-                kid: kid.try_into().map_err(|_| {
-                    rusqlite::Error::InvalidColumnType(2, "kid".into(), rusqlite::types::Type::Blob)
-                })?,
+                kid: kid8(r.get(2)?)?,
                 reserved_at: r.get(3)?,
                 issuer: r.get(4)?,
                 request_id: r.get(5)?,
@@ -782,7 +785,6 @@ impl SqliteLedger {
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::Error> {
     let t: String = r.get("cert_type")?;
-    let kid: Vec<u8> = r.get("kid")?;
     let sig: Option<Vec<u8>> = r.get("signature_hash")?;
     Ok(CertificateRecord {
         id: r.get("id")?,
@@ -796,9 +798,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> Result<CertificateRecord, rusqlite::E
                     Box::new(e),
                 )
             })?,
-            kid: kid.try_into().map_err(|_| {
-                rusqlite::Error::InvalidColumnType(0, "kid".into(), rusqlite::types::Type::Blob)
-            })?,
+            kid: kid8(r.get("kid")?)?,
             iat: r.get("iat")?,
             exp: r.get("exp")?,
             replaces: r.get("replaces")?,
