@@ -410,8 +410,10 @@ pub struct ServerConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// PEM certificate chain of the server.
     pub certificate: PathBuf,
-    /// PEM (PKCS#8) private key of the server certificate (mode 0600).
-    pub key: PathBuf,
+    /// The server certificate's private key: a key in the configured token by `pkcs11:` URI
+    /// (`pkcs11:token=…;object=tls-server;type=private`, what `dev-init` writes), or a PEM
+    /// (PKCS#8) file, mode 0600.
+    pub key: TlsKey,
     /// PEM bundle of CAs that client certificates must chain to.
     pub client_ca: PathBuf,
     /// Largest accepted request message (default 64 KiB).
@@ -449,6 +451,36 @@ pub struct ServerConfig {
     /// wait, the CPU count is a sound value.
     #[serde(default)]
     pub async_workers: usize,
+}
+
+/// Where the daemon's TLS private key is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TlsKey {
+    /// A P-256 key in the configured token, by RFC 7512 URI or label; the HSM makes the
+    /// handshake signatures and the key never leaves it.
+    Token(String),
+    /// A PEM (PKCS#8) file, relative to the configuration file.
+    File(PathBuf),
+}
+
+impl From<String> for TlsKey {
+    fn from(s: String) -> Self {
+        if s.starts_with("pkcs11:") {
+            TlsKey::Token(s)
+        } else {
+            TlsKey::File(PathBuf::from(s))
+        }
+    }
+}
+
+impl From<TlsKey> for String {
+    fn from(k: TlsKey) -> Self {
+        match k {
+            TlsKey::Token(uri) => uri,
+            TlsKey::File(p) => p.display().to_string(),
+        }
+    }
 }
 
 impl ServerConfig {

@@ -552,6 +552,104 @@ fn startup_refusals_are_one_line_reasons() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// `dev-init` generates the server's TLS key in the token and writes no key file: the daemon
+/// signs its handshakes with the token, cannot start without that key, and refuses a key that
+/// does not belong to its certificate. A PEM key file still works where a configuration names
+/// one.
+#[test]
+fn the_server_tls_key_is_in_the_token() {
+    let serve = |dev: &Dev| {
+        let out = dev.run(
+            &dev.serve_args()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(out.status.code(), Some(1));
+        let err = common::stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    let uri = "pkcs11:token=dccsign-dev;object=tls-server;type=private";
+    let dev = Dev::new();
+    assert!(!dev.file("pki/tls/server.key").exists());
+    let cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
+    assert!(cfg.contains(&format!("key = \"{uri}\"")), "{cfg}");
+    for entry in walk(dev.path()) {
+        let text = std::fs::read_to_string(&entry).unwrap_or_default();
+        if text.contains("PRIVATE KEY") {
+            assert!(
+                entry.starts_with(dev.file("pki/clients")),
+                "a private key file outside pki/clients: {}",
+                entry.display()
+            );
+        }
+    }
+
+    // The handshake is signed with the token key: a daemon up on it issues over mutual TLS.
+    let mut d = Daemon::start_with(dev, |_| {});
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(issue_request("test", &d.dev.example("test"), "tls-1"))
+            .await
+            .unwrap();
+    });
+    assert!(d.terminate().success(), "{}", d.log());
+    let dev = &d.dev;
+
+    // Another key of the token: refused, naming the certificate and the key.
+    let edit = |dev: &Dev, from: &str, to: &str| {
+        let cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
+        std::fs::write(dev.file("dccsign.toml"), cfg.replace(from, to)).unwrap();
+    };
+    edit(dev, "object=tls-server;", "object=dev-tls-ca;");
+    let err = serve(dev);
+    assert!(
+        err.contains(
+            "server.pem does not belong to key pkcs11:token=dccsign-dev;object=dev-tls-ca"
+        ),
+        "{err}"
+    );
+    // No such key: refused.
+    edit(dev, "object=dev-tls-ca;", "object=tls-missing;");
+    let err = serve(dev);
+    assert!(
+        err.contains("no private key labelled \"tls-missing\""),
+        "{err}"
+    );
+
+    // A PEM key file, as configurations from before name one.
+    let (cert, key) = dev.stand_in_cert();
+    edit(
+        dev,
+        &uri.replace("tls-server", "tls-missing"),
+        "pki/tls/gateway.key",
+    );
+    edit(dev, "pki/tls/server.pem", "pki/tls/gateway.pem");
+    assert!(cert.exists() && key.exists());
+    d.restart();
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        c.issue(issue_request("test", &d.dev.example("test"), "tls-2"))
+            .await
+            .unwrap();
+    });
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[test]
 fn idempotent_request_ids_survive_a_restart() {
     let mut d = Daemon::start();
@@ -685,9 +783,15 @@ fn health_follows_the_ledger_and_the_token() {
         c.issue(issue_request("test", &d.dev.example("test"), "after-token"))
             .await
             .unwrap();
+        // A new connection: its handshake is signed by the server key in the reconnected token.
+        let mut fresh = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        fresh
+            .issue(issue_request("test", &d.dev.example("test"), "new-conn"))
+            .await
+            .unwrap();
     });
     // Nothing was recorded for the refused request.
-    assert_eq!(d.dev.ledger_counts(), (0, 2));
+    assert_eq!(d.dev.ledger_counts(), (0, 3));
     let log = d.log();
     assert!(log.contains("NOT_SERVING"), "{log}");
     let _ = d.terminate();

@@ -620,13 +620,9 @@ fn publish(d: &Daemon) -> String {
 fn outbox_delivers_to_the_gateway_with_retries_across_a_restart() {
     let dev = common::Dev::new();
     let upload_der = common::pem_der(&dev.file("pki/upload.pem"));
-    let standin = gateway::StandIn::start(
-        &dev.file("pki/tls/server.pem"),
-        &dev.file("pki/tls/server.key"),
-        &dev.file("pki/tls/ca.pem"),
-        upload_der,
-        "SE",
-    );
+    let (cert, key) = dev.stand_in_cert();
+    let standin =
+        gateway::StandIn::start(&cert, &key, &dev.file("pki/tls/ca.pem"), upload_der, "SE");
     let url = standin.url();
     let mut d = Daemon::start_with(dev, |c| with_gateway(c, &url));
     let mut uvcis = Vec::new();

@@ -36,6 +36,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dev = common::Dev::new();
+        dev.stand_in_cert();
         std::env::set_var("SOFTHSM2_CONF", dev.file("softhsm2.conf"));
         let token = Token::open(&TokenSettings {
             module: PathBuf::from(SOFTHSM_MODULE),
@@ -87,13 +88,8 @@ fn dev_file(rel: &str) -> PathBuf {
 /// A stand-in for country SE on the development server certificate, trusting development
 /// client certificates.
 fn stand_in(up: &Uploader) -> StandIn {
-    StandIn::start(
-        &dev_file("pki/tls/server.pem"),
-        &dev_file("pki/tls/server.key"),
-        &dev_file("pki/tls/ca.pem"),
-        up.der(),
-        "SE",
-    )
+    let (cert, key) = fixture().dev.stand_in_cert();
+    StandIn::start(&cert, &key, &dev_file("pki/tls/ca.pem"), up.der(), "SE")
 }
 
 fn client_of(dir: &Path, timeout: Duration) -> HttpsClient {

@@ -17,5 +17,6 @@ pub mod pb;
 pub mod revocation;
 pub mod server;
 pub mod tls;
+pub mod tls_key;
 
 pub use server::{serve, ServeError};

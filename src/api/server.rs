@@ -11,7 +11,8 @@ use super::issuance::IssuanceService;
 use super::limits::Limits;
 use super::pb;
 use super::tls;
-use crate::config::Config;
+use super::tls_key::TokenTlsKey;
+use crate::config::{Config, TlsKey};
 use crate::hsm::Token;
 use crate::issuance::{Issuer, IssuerSettings};
 use crate::keys::DscSet;
@@ -39,6 +40,29 @@ pub enum ServeError {
     /// A listener could not be bound, or the server failed.
     #[error("server: {0}")]
     Server(String),
+}
+
+/// The server's TLS configuration, with its key in the token or in a PEM file.
+fn server_tls(
+    cfg: &Config,
+    server: &crate::config::ServerConfig,
+    token: &Arc<Token>,
+) -> Result<rustls::ServerConfig, ServeError> {
+    let cert = cfg.resolve(&server.certificate);
+    let client_ca = cfg.resolve(&server.client_ca);
+    let file;
+    let key = match &server.key {
+        TlsKey::Token(name) => tls::ServerKey::Token {
+            key: TokenTlsKey::open(token.clone(), name)
+                .map_err(|e| ServeError::Config(format!("server.key {name}: {e}")))?,
+            name,
+        },
+        TlsKey::File(p) => {
+            file = cfg.resolve(p);
+            tls::ServerKey::File(&file)
+        }
+    };
+    Ok(tls::server_config(&cert, key, &client_ca)?)
 }
 
 /// Registers for SIGTERM and SIGINT at once — so that a signal sent as soon as the daemon has
@@ -82,11 +106,6 @@ pub async fn serve(
     }
 
     // Start-up checks, each failing with one line.
-    let tls_config = tls::server_config(
-        &cfg.resolve(&server_cfg.certificate),
-        &cfg.resolve(&server_cfg.key),
-        &cfg.resolve(&server_cfg.client_ca),
-    )?;
     let token_settings = cfg.token_settings();
     let (token, dscs) = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
         let token = Token::open(&token_settings)?;
@@ -109,6 +128,7 @@ pub async fn serve(
     let hsm_workers = cfg.pool_size();
     let pool = token.signing_pool(hsm_workers, cfg.hsm.queue)?;
     let token = Arc::new(token);
+    let tls_config = server_tls(&cfg, &server_cfg, &token)?;
     let uvci_key = cfg.uvci_key(&token)?;
     let issuer = Arc::new(Issuer::new(
         IssuerSettings::from_config(&cfg),

@@ -107,10 +107,25 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// The server's rustls configuration.
+/// Where the server's private key is, for [`server_config`].
+#[derive(Debug)]
+pub enum ServerKey<'a> {
+    /// In the token (see [`super::tls_key`]); `name` says which key in errors.
+    Token {
+        /// The key.
+        key: super::tls_key::TokenTlsKey,
+        /// Its URI or label as configured.
+        name: &'a str,
+    },
+    /// A PEM (PKCS#8) file.
+    File(&'a Path),
+}
+
+/// The server's rustls configuration: the certificate chain in `cert`, its key, and the CAs
+/// client certificates must chain to. Fails when the certificate does not match the key.
 pub fn server_config(
     cert: &Path,
-    key: &Path,
+    key: ServerKey<'_>,
     client_ca: &Path,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -118,13 +133,28 @@ pub fn server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
-    let key = read_key(key)?;
+    let (signing_key, name): (Arc<dyn rustls::sign::SigningKey>, String) = match key {
+        ServerKey::Token { key, name } => (Arc::new(key), name.to_string()),
+        ServerKey::File(path) => (
+            provider
+                .key_provider
+                .load_private_key(read_key(path)?)
+                .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))?,
+            path.display().to_string(),
+        ),
+    };
+    let certified = rustls::sign::CertifiedKey::new(read_certs(cert)?, signing_key);
+    certified.keys_match().map_err(|e| {
+        TlsSetupError(format!(
+            "server certificate {} does not belong to key {name}: {e}",
+            cert.display()
+        ))
+    })?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsSetupError(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(read_certs(cert)?, key)
-        .map_err(|e| TlsSetupError(format!("server certificate: {e}")))?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }

@@ -130,7 +130,8 @@ enum Command {
         #[arg(long)]
         without_digital_signature: bool,
     },
-    /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one).
+    /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one),
+    /// or with `--server` a server certificate for localhost.
     DevClientCert {
         /// State directory written by `dev-init`.
         #[arg(long)]
@@ -144,6 +145,10 @@ enum Command {
         /// Validity in hours.
         #[arg(long, default_value_t = 24 * 365)]
         hours: u64,
+        /// A server certificate for localhost instead (`pki/tls/<name>.{pem,key}`), e.g. for a
+        /// stand-in of the EU gateway.
+        #[arg(long)]
+        server: bool,
     },
 }
 
@@ -200,7 +205,8 @@ pub fn run() -> ExitCode {
             name,
             not_before,
             hours,
-        } => dev_client_cert(&state_dir, &name, not_before.as_deref(), hours),
+            server,
+        } => dev_client_cert(&state_dir, &name, not_before.as_deref(), hours, server),
     }
 }
 
@@ -252,13 +258,24 @@ fn dev_sign_csr(
     }
 }
 
-fn dev_client_cert(state_dir: &Path, name: &str, not_before: Option<&str>, hours: u64) -> ExitCode {
+fn dev_client_cert(
+    state_dir: &Path,
+    name: &str,
+    not_before: Option<&str>,
+    hours: u64,
+    server: bool,
+) -> ExitCode {
     let start = match start_time(not_before) {
         Ok(s) => s,
         Err(code) => return code,
     };
     let lifetime = std::time::Duration::from_secs(hours * 3600);
-    match dccsign::keys::dev_client_cert(state_dir, name, start, lifetime) {
+    let role = if server {
+        dccsign::keys::TlsRole::Server
+    } else {
+        dccsign::keys::TlsRole::Client
+    };
+    match dccsign::keys::dev_tls_cert(state_dir, name, role, start, lifetime) {
         Ok((cert, key)) => {
             println!("{}\n{}", cert.display(), key.display());
             ExitCode::SUCCESS

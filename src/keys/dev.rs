@@ -17,7 +17,7 @@ use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::Certificate;
 
 use super::certificate::{build_csca, build_dsc, build_leaf, to_pem, CertProfile};
-use super::tls::{issue_tls_leaf, TlsRole};
+use super::tls::{issue_tls_leaf, issue_tls_leaf_for_token_key, TlsRole};
 use super::KeysError;
 use crate::dcc::CertType;
 use crate::hsm::{load_pin, KeyHandle, PinSource, Token, TokenSettings, SOFTHSM_MODULE};
@@ -35,6 +35,8 @@ const REVOCATION_LIST_KEY_LABEL: &str = "revocation-list-key";
 const UPLOAD_KEY_LABEL: &str = "upload-key";
 /// Label of the development TLS CA key.
 const TLS_CA_LABEL: &str = "dev-tls-ca";
+/// Label of the daemon's TLS server key.
+pub const TLS_SERVER_LABEL: &str = "tls-server";
 /// The client certificates `dev-init` creates: issuers and security officers.
 pub const DEV_CLIENTS: [&str; 4] = ["issuer-all", "issuer-test", "officer-1", "officer-2"];
 const SOFTHSM_TEMPLATE: &str = include_str!("../../hsm-config/softhsm2.conf.template");
@@ -158,6 +160,20 @@ pub fn dev_client_cert(
     not_before: SystemTime,
     lifetime: Duration,
 ) -> Result<(PathBuf, PathBuf), KeysError> {
+    dev_tls_cert(state_dir, name, TlsRole::Client, not_before, lifetime)
+}
+
+/// Issues a development TLS certificate with a PEM key from the development TLS CA: a client's
+/// (`<state>/pki/clients/<name>.{pem,key}`, like [`dev_client_cert`]) or a server's for
+/// localhost (`<state>/pki/tls/<name>.{pem,key}`, e.g. for a stand-in of the EU gateway).
+/// Exports `SOFTHSM2_CONF`: call it before any other PKCS#11 use in the process.
+pub fn dev_tls_cert(
+    state_dir: &Path,
+    name: &str,
+    role: TlsRole,
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<(PathBuf, PathBuf), KeysError> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(KeysError::Build(
             "client name must be letters, digits and '-'".into(),
@@ -166,16 +182,17 @@ pub fn dev_client_cert(
     let token = open_dev_token(state_dir)?;
     let ca_key = token.find_key(TLS_CA_LABEL)?;
     let ca = load_cert(&state_dir.join("pki/tls/ca.pem"))?;
-    issue_tls_leaf(
-        &token,
-        &ca_key,
-        &ca,
-        &state_dir.join("pki/clients"),
-        name,
-        TlsRole::Client,
-        not_before,
-        lifetime,
-    )
+    let dir = match role {
+        TlsRole::Client => state_dir.join("pki/clients"),
+        TlsRole::Server => state_dir.join("pki/tls"),
+    };
+    if role == TlsRole::Server && name == "server" {
+        return Err(KeysError::Build(
+            "the daemon's own server certificate is made by dev-init (its key is in the token)"
+                .into(),
+        ));
+    }
+    issue_tls_leaf(&token, &ca_key, &ca, &dir, name, role, not_before, lifetime)
 }
 
 /// Development CSCA operator: checks a PKCS#10 request's own signature and certifies its key as
@@ -379,21 +396,42 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
     }
     let tls_ca = load_cert(&tls_ca_path)?;
     let year = Duration::from_secs(365 * DAY);
-    if !tls_dir.join("server.pem").exists() || !tls_dir.join("server.key").exists() {
-        issue_tls_leaf(
-            &token,
-            &tls_ca_key,
-            &tls_ca,
-            &tls_dir,
-            "server",
-            TlsRole::Server,
-            now,
-            year,
-        )?;
-        created.push(format!(
-            "TLS server certificate {}",
-            tls_dir.join("server.pem").display()
-        ));
+    let server_pem = tls_dir.join("server.pem");
+    if tls_dir.join("server.key").exists() {
+        // A state directory from before the server key moved into the token: its
+        // configuration names that file, and so it stays.
+        if !server_pem.exists() {
+            issue_tls_leaf(
+                &token,
+                &tls_ca_key,
+                &tls_ca,
+                &tls_dir,
+                "server",
+                TlsRole::Server,
+                now,
+                year,
+            )?;
+            created.push(format!("TLS server certificate {}", server_pem.display()));
+        }
+    } else {
+        let server_key = ensure_key(&token, TLS_SERVER_LABEL, &mut created)?;
+        if !server_pem.exists() {
+            issue_tls_leaf_for_token_key(
+                &token,
+                &tls_ca_key,
+                &tls_ca,
+                &tls_dir,
+                "server",
+                TlsRole::Server,
+                &server_key,
+                now,
+                year,
+            )?;
+            created.push(format!(
+                "TLS server certificate {} (its key {TLS_SERVER_LABEL} is in the token)",
+                server_pem.display()
+            ));
+        }
     }
     let clients = pki.join("clients");
     for name in DEV_CLIENTS {
@@ -504,7 +542,9 @@ listen = "127.0.0.1:50051"
 # Prometheus metrics (plain HTTP, keep it on loopback or a management network).
 metrics_listen = "127.0.0.1:9464"
 certificate = "pki/tls/server.pem"
-key = "pki/tls/server.key"
+# The server certificate's key, in the token (the HSM signs each TLS handshake); a PEM file
+# path also works.
+key = "pkcs11:token={DEV_TOKEN_LABEL};object={TLS_SERVER_LABEL};type=private"
 # Client certificates must chain to this CA; the identity is their URI (or DNS) SAN.
 client_ca = "pki/tls/ca.pem"
 max_message_bytes = 65536

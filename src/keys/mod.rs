@@ -17,7 +17,8 @@ pub use ceremony::{
 };
 pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
 pub use dev::{
-    dev_client_cert, dev_init, dev_sign_csr, DevInitReport, DEV_CLIENTS, DEV_TOKEN_LABEL,
+    dev_client_cert, dev_init, dev_sign_csr, dev_tls_cert, DevInitReport, DEV_CLIENTS,
+    DEV_TOKEN_LABEL,
 };
 pub use dsc::{ActiveDsc, Dsc, DscSet, SignerSwitch};
 pub use publish::signed_data;

@@ -2,9 +2,10 @@
 //! a server certificate for localhost, and client certificates whose URI SAN is the identity
 //! the daemon authorises (`spiffe://dccsign.dev/<name>`).
 //!
-//! Leaf keys are generated in software and written as mode-0600 PKCS#8 files: TLS clients and
-//! the server's TLS stack need them as files. The CA key, which can mint identities, never
-//! leaves the token.
+//! The server's key is generated in the token, like the CA's, and the daemon signs its
+//! handshakes there (`src/api/tls_key.rs`). Client keys are generated in software and written
+//! as mode-0600 PKCS#8 files: the TLS clients (other programs: front-ends, the load generator,
+//! grpcurl) need them as files.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -63,6 +64,59 @@ pub fn issue_tls_leaf(
     lifetime: Duration,
 ) -> Result<(PathBuf, PathBuf), KeysError> {
     let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let issuer = (token, ca_key, ca_cert);
+    let cert = tls_leaf(
+        issuer,
+        &secret.public_key(),
+        name,
+        role,
+        not_before,
+        lifetime,
+    )?;
+    let key_path = dir.join(format!("{name}.key"));
+    let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(b)?;
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // A re-issued leaf replaces the old key file.
+    let _ = std::fs::remove_file(&key_path);
+    crate::hsm::write_private_file(&key_path, pem.as_bytes()).map_err(io(&key_path))?;
+    Ok((write_leaf(dir, name, &cert)?, key_path))
+}
+
+/// Issues a TLS leaf for a key in the token (`key`) and writes `<dir>/<name>.pem`; returns its
+/// path. No key file: whoever presents the certificate signs with the token.
+#[allow(clippy::too_many_arguments)]
+pub fn issue_tls_leaf_for_token_key(
+    token: &Token,
+    ca_key: &KeyHandle,
+    ca_cert: &Certificate,
+    dir: &Path,
+    name: &str,
+    role: TlsRole,
+    key: &KeyHandle,
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<PathBuf, KeysError> {
+    let issuer = (token, ca_key, ca_cert);
+    let cert = tls_leaf(issuer, &key.public_key, name, role, not_before, lifetime)?;
+    write_leaf(dir, name, &cert)
+}
+
+fn write_leaf(dir: &Path, name: &str, cert: &Certificate) -> Result<PathBuf, KeysError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    std::fs::write(&cert_path, to_pem(cert)?).map_err(io(&cert_path))?;
+    Ok(cert_path)
+}
+
+/// The certificate of a TLS leaf for `public_key`, signed by the CA key in the token.
+fn tls_leaf(
+    (token, ca_key, ca_cert): (&Token, &KeyHandle, &Certificate),
+    public_key: &p256::PublicKey,
+    name: &str,
+    role: TlsRole,
+    not_before: SystemTime,
+    lifetime: Duration,
+) -> Result<Certificate, KeysError> {
     let mut names = Vec::new();
     let eku = match role {
         TlsRole::Server => {
@@ -86,11 +140,11 @@ pub fn issue_tls_leaf(
             const_oid::db::rfc5280::ID_KP_CLIENT_AUTH
         }
     };
-    let cert = build_leaf(
+    build_leaf(
         token,
         ca_key,
         ca_cert,
-        &secret.public_key(),
+        public_key,
         &[eku],
         Some(SubjectAltName(names)),
         &CertProfile {
@@ -99,14 +153,5 @@ pub fn issue_tls_leaf(
             lifetime,
         },
         x509_cert::ext::pkix::KeyUsages::DigitalSignature,
-    )?;
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let key_path = dir.join(format!("{name}.key"));
-    let cert_path = dir.join(format!("{name}.pem"));
-    let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(b)?;
-    // A re-issued leaf replaces the old key file.
-    let _ = std::fs::remove_file(&key_path);
-    crate::hsm::write_private_file(&key_path, pem.as_bytes()).map_err(io(&key_path))?;
-    std::fs::write(&cert_path, to_pem(&cert)?).map_err(io(&cert_path))?;
-    Ok((cert_path, key_path))
+    )
 }

@@ -46,6 +46,33 @@ impl Dev {
         self.dir.path().join(rel)
     }
 
+    /// A server certificate for localhost from the development TLS CA, with its key in a PEM
+    /// file (`pki/tls/gateway.{pem,key}`), for stand-ins of other services: the daemon's own
+    /// server key is in the token.
+    pub fn stand_in_cert(&self) -> (PathBuf, PathBuf) {
+        let (cert, key) = (
+            self.file("pki/tls/gateway.pem"),
+            self.file("pki/tls/gateway.key"),
+        );
+        if !cert.exists() {
+            let dir = self.path().to_str().unwrap();
+            let out = self.run(&[
+                "dev-client-cert",
+                "--state-dir",
+                dir,
+                "--name",
+                "gateway",
+                "--server",
+            ]);
+            assert!(
+                out.status.success(),
+                "dev-client-cert --server: {}",
+                stderr(&out)
+            );
+        }
+        (cert, key)
+    }
+
     /// Runs dccsign with `args` (SOFTHSM2_CONF comes from the state dir's config).
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(bin())
