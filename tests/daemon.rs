@@ -797,6 +797,62 @@ fn health_follows_the_ledger_and_the_token() {
     let _ = d.terminate();
 }
 
+/// After an HSM outage the daemon logs in again with the PIN from its source. A PIN the token
+/// refuses is not offered again at every health check (a real HSM locks its user PIN after a
+/// few failures): only once the PIN source changes is it tried, once.
+#[test]
+fn a_refused_pin_is_not_offered_again() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace("health_interval_seconds = 5", "health_interval_seconds = 1");
+    });
+    let pin_file = d.dev.file("secrets/user.pin");
+    let right = std::fs::read_to_string(&pin_file).unwrap();
+    let refusals = |d: &Daemon| d.log().matches("the token refused the user PIN").count();
+    rt().block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::Serving).await,
+            "{}",
+            d.log()
+        );
+        // A wrong PIN in the source, and an outage that makes the daemon log in again.
+        std::fs::write(&pin_file, "not-the-pin").unwrap();
+        std::fs::rename(d.dev.file("tokens"), d.dev.file("tokens.away")).unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::NotServing).await,
+            "{}",
+            d.log()
+        );
+        std::fs::rename(d.dev.file("tokens.away"), d.dev.file("tokens")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while refusals(&d) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(refusals(&d), 1, "{}", d.log());
+        // Four more health checks: still NOT_SERVING, and the PIN was not offered again.
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        assert_eq!(refusals(&d), 1, "{}", d.log());
+        let mut c = dccsign::api::client::issuance(ch.clone());
+        let e = c
+            .issue(issue_request("test", &d.dev.example("test"), "wrong-pin"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        // The right PIN back in the source: tried, and the daemon serves again by itself.
+        std::fs::write(&pin_file, &right).unwrap();
+        assert!(
+            wait_for_health(&ch, ServingStatus::Serving).await,
+            "{}",
+            d.log()
+        );
+        c.issue(issue_request("test", &d.dev.example("test"), "right-pin"))
+            .await
+            .unwrap();
+    });
+    assert_eq!(refusals(&d), 1, "{}", d.log());
+}
+
 #[test]
 fn the_client_deadline_is_honoured() {
     let d = Daemon::start();

@@ -77,6 +77,12 @@ pub struct Token {
     copies: Arc<SessionCopies>,
     /// Whether new signing pools use session copies (default: yes).
     session_copies: AtomicBool,
+    /// A salted SHA-256 of the last PIN the token refused on a reconnect: the same PIN is not
+    /// offered again (a real HSM locks its user PIN after a few failures), a changed PIN source
+    /// is tried once.
+    refused_pin: Mutex<Option<[u8; 32]>>,
+    /// The salt of `refused_pin`, random per process.
+    pin_salt: [u8; 16],
 }
 
 impl std::fmt::Debug for Token {
@@ -121,6 +127,8 @@ impl Token {
         Ok(Token {
             copies: Arc::new(SessionCopies::new(ctx.clone())),
             session_copies: AtomicBool::new(true),
+            refused_pin: Mutex::new(None),
+            pin_salt: rand::random(),
             ctx,
             slot: Mutex::new(slot),
             label: settings.label.clone(),
@@ -132,18 +140,42 @@ impl Token {
     /// Finds the token again (its slot may have changed), opens a new anchor session and logs
     /// in — for recovery after the token went away and came back. Key handles must be looked up
     /// again afterwards, and signing pools started anew.
+    ///
+    /// A PIN the token refused is not offered again: the call fails with
+    /// [`HsmError::WrongPin`] without `C_Login` until the PIN source holds another PIN, which is
+    /// then tried once. A locked PIN is not tried at all.
     pub fn reconnect(&self) -> Result<(), HsmError> {
         let attempt = || -> Result<(Slot, Session), HsmError> {
             let slot = find_slot(&self.ctx, &self.label)?
                 .ok_or_else(|| HsmError::TokenNotFound(self.label.clone()))?;
+            if self.ctx.get_token_info(slot)?.user_pin_locked() {
+                return Err(HsmError::PinLocked);
+            }
             let pin = load_pin(&self.settings.pin, &self.settings.base_dir)?;
+            let fingerprint = self.pin_fingerprint(&pin);
+            let mut refused = self.refused_pin.lock().unwrap_or_else(|p| p.into_inner());
+            if *refused == Some(fingerprint) {
+                return Err(HsmError::WrongPin);
+            }
             let session = self.ctx.open_rw_session(slot)?;
-            login(&session, UserType::User, &pin)?;
+            match login(&session, UserType::User, &pin) {
+                Ok(()) => *refused = None,
+                Err(e @ HsmError::WrongPin) => {
+                    *refused = Some(fingerprint);
+                    metrics::counter!("dccsign_hsm_pin_refusals_total").increment(1);
+                    tracing::error!(token = %self.label,
+                        "the token refused the user PIN on reconnecting; it is not offered again until the PIN source changes");
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
             Ok((slot, session))
         };
         let (slot, session) = match attempt() {
             Ok(ok) => ok,
-            Err(HsmError::WrongPin | HsmError::PinLocked) => return Err(HsmError::WrongPin),
+            Err(e @ (HsmError::WrongPin | HsmError::PinLocked | HsmError::Pin(_))) => {
+                return Err(e)
+            }
             Err(_) => {
                 // The module lost the token (SoftHSM keeps failing after its token directory
                 // vanished, even once it is back): finalise and initialise the library again,
@@ -164,6 +196,16 @@ impl Token {
         // Every handle changed: the copies of the old ones are gone or meaningless.
         self.copies.clear();
         Ok(())
+    }
+
+    /// A salted SHA-256 of a PIN, to recognise a refused one without keeping it.
+    fn pin_fingerprint(&self, pin: &SecretString) -> [u8; 32] {
+        use secrecy::ExposeSecret;
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.pin_salt);
+        h.update(pin.expose_secret().as_bytes());
+        h.finalize().into()
     }
 
     /// True when an initialised token with this label exists in the module.
