@@ -443,6 +443,58 @@ fn overload_is_refused_and_the_daemon_stays_healthy() {
     });
 }
 
+/// A unary call the client gives up on keeps its place in the client's in-flight limit for as
+/// long as the signing it started runs: cancelling calls cannot push more work in than the limit.
+#[test]
+fn a_cancelled_call_keeps_its_place_until_its_work_ends() {
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace(
+            "max_in_flight_per_client = 256",
+            "max_in_flight_per_client = 1",
+        );
+    });
+    rt().block_on(async {
+        let mut c = dccsign::api::client::issuance(d.channel("issuer-all").await.unwrap());
+        let p = d.dev.example("test");
+        // Another writer holds the ledger: the first call's reservation waits for it.
+        let other = rusqlite::Connection::open(d.dev.file("ledger.sqlite")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut first = tonic::Request::new(issue_request("test", &p, "cancel-1"));
+        first.set_timeout(std::time::Duration::from_millis(300));
+        let e = c.issue(first).await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{e}"
+        );
+        // Its work still runs: the next call is refused, not admitted beside it.
+        let e = c
+            .issue(issue_request("test", &d.dev.example("test"), "cancel-2"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert_eq!(error_detail(&e).code, "2-60-5005");
+        // The ledger free again: the first call's work ends, and its retry is answered.
+        other.execute_batch("ROLLBACK").unwrap();
+        let retry = loop {
+            match c.issue(issue_request("test", &p, "cancel-1")).await {
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::ResourceExhausted | tonic::Code::Aborted
+                    ) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => break other,
+            }
+        };
+        assert_eq!(retry.unwrap().into_inner().request_id, "cancel-1");
+    });
+}
+
 #[test]
 fn graceful_shutdown_keeps_every_acknowledged_certificate() {
     let mut d = Daemon::start();
