@@ -405,8 +405,9 @@ pub struct ServerConfig {
     /// gRPC listen address (mutual TLS).
     #[serde(default = "default_listen")]
     pub listen: std::net::SocketAddr,
-    /// Prometheus `/metrics` listen address (plain HTTP); none disables it.
-    #[serde(default = "default_metrics")]
+    /// Prometheus `/metrics` listen address (plain HTTP, unauthenticated: keep it on loopback
+    /// or a management network); `"none"` disables it.
+    #[serde(default = "default_metrics", with = "metrics_addr")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// PEM certificate chain of the server.
     pub certificate: PathBuf,
@@ -499,6 +500,35 @@ fn cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
+}
+
+/// `server.metrics_listen`: an address, or `"none"` (TOML has no null).
+mod metrics_addr {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        a: &Option<std::net::SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str("none"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::net::SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "none" {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "metrics_listen: {text:?} is neither an address (127.0.0.1:9464) nor \"none\""
+            ))
+        })
+    }
 }
 
 fn default_listen() -> std::net::SocketAddr {
@@ -691,5 +721,43 @@ impl Config {
         } else {
             self.hsm.pool_size
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(extra: &str) -> Result<ServerConfig, toml::de::Error> {
+        toml::from_str(&format!(
+            "certificate = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n{extra}"
+        ))
+    }
+
+    /// The metrics endpoint: on loopback by default, an address, or "none" to turn it off.
+    #[test]
+    fn metrics_listen_takes_an_address_or_none() {
+        assert_eq!(server("").unwrap().metrics_listen, default_metrics());
+        let on = server("metrics_listen = \"127.0.0.1:9999\"").unwrap();
+        assert_eq!(on.metrics_listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(
+            server("metrics_listen = \"none\"").unwrap().metrics_listen,
+            None
+        );
+        let e = server("metrics_listen = \"off\"").unwrap_err().to_string();
+        assert!(e.contains("neither an address"), "{e}");
+    }
+
+    /// The TLS key: a `pkcs11:` URI names a key in the token, anything else a PEM file.
+    #[test]
+    fn the_tls_key_is_a_token_uri_or_a_file() {
+        assert_eq!(server("").unwrap().key, TlsKey::File("k.pem".into()));
+        let uri = "pkcs11:token=t;object=tls-server;type=private";
+        let s: ServerConfig = toml::from_str(&format!(
+            "certificate = \"c.pem\"\nkey = \"{uri}\"\nclient_ca = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.key, TlsKey::Token(uri.into()));
+        assert_eq!(String::from(s.key), uri);
     }
 }

@@ -539,7 +539,8 @@ recovery_days = 180
 
 [server]
 listen = "127.0.0.1:50051"
-# Prometheus metrics (plain HTTP, keep it on loopback or a management network).
+# Prometheus metrics (plain HTTP, unauthenticated: keep it on loopback or a management
+# network); "none" turns them off.
 metrics_listen = "127.0.0.1:9464"
 certificate = "pki/tls/server.pem"
 # The server certificate's key, in the token (the HSM signs each TLS handshake); a PEM file
