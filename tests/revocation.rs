@@ -257,6 +257,22 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
         ),
         "2-60-8001",
     );
+    // Each refusal is in the daemon's log with the caller, the method and the code, and the
+    // UVCIs are not.
+    let log = d.log();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("call refused")).collect();
+    for code in ["2-60-8003", "2-60-8002", "2-60-8001"] {
+        assert!(
+            refusals.iter().any(|l| l.contains(code)
+                && l.contains("/dccsign.v1.Revocation/Revoke")
+                && l.contains("spiffe://dccsign.dev/issuer-")),
+            "{code} not logged:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("NOSUCHCERT1") && !log.contains(uvci_a.as_str()),
+        "{log}"
+    );
     // Its issuer may; twice changes nothing.
     let first = ok(revoke(&d, "issuer-all", &uvci_a, "wrong-patient", None));
     assert!(first.contains("revoked: version 1"), "{first}");

@@ -14,6 +14,7 @@ pub mod issuance;
 pub mod keys;
 pub mod limits;
 pub mod pb;
+pub mod refusals;
 pub mod revocation;
 pub mod server;
 pub mod tls;

@@ -10,6 +10,7 @@ use super::health;
 use super::issuance::IssuanceService;
 use super::limits::Limits;
 use super::pb;
+use super::refusals::LogRefusals;
 use super::tls;
 use super::tls_key::TokenTlsKey;
 use crate::config::{Config, TlsKey};
@@ -256,7 +257,8 @@ pub async fn serve(
         authz.clone(),
         cfg.hsm.token.clone(),
         Some(manager),
-    ));
+    ))
+    .max_decoding_message_size(server_cfg.max_message_bytes);
     let service = IssuanceService::new(issuer.clone(), authz, limits, server_cfg.max_stream_items);
     let bulk = pb::bulk_issuance_server::BulkIssuanceServer::new(service.clone())
         .max_decoding_message_size(server_cfg.max_batch_bytes);
@@ -281,8 +283,9 @@ pub async fn serve(
         .add_service(reflection_alpha)
         .add_service(issuance)
         .add_service(bulk)
-        .add_service(keys)
-        .add_service(revocation_service)
+        // Issuance logs its outcomes itself; these two log each refused call here.
+        .add_service(LogRefusals(keys))
+        .add_service(LogRefusals(revocation_service))
         .serve_with_incoming_shutdown(incoming, {
             let stop_tx = stop_tx.clone();
             async move {
