@@ -389,6 +389,20 @@ fn mtls_and_authorization_refusals() {
     let log = d.log();
     assert!(log.matches("TLS handshake refused").count() >= 3, "{log}");
     assert!(log.contains("expired"), "{log}");
+    // Each authorization refusal is a warning naming the caller, the method and the code.
+    let warned = |client: &str, method: &str| {
+        log.lines().any(|l| {
+            l.contains("WARN")
+                && l.contains("call refused")
+                && l.contains(&format!("spiffe://dccsign.dev/{client}"))
+                && l.contains(method)
+                && l.contains("2-60-9001")
+        })
+    };
+    assert!(warned("stranger", "/dccsign.v1.Issuance/Issue"), "{log}");
+    assert!(warned("issuer-test", "/dccsign.v1.Issuance/Issue"), "{log}");
+    assert!(warned("issuer-all", "/dccsign.v1.Keys/ListKeys"), "{log}");
+    assert!(warned("officer-1", "/dccsign.v1.Issuance/Issue"), "{log}");
     // Only the issuer-test certificate was signed.
     assert_eq!(d.dev.ledger_counts(), (0, 1));
 }

@@ -273,6 +273,19 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
         !log.contains("NOSUCHCERT1") && !log.contains(uvci_a.as_str()),
         "{log}"
     );
+    // Another client's certificate is a warning (an authorization refusal), the rest information.
+    assert!(
+        refusals
+            .iter()
+            .any(|l| l.contains("2-60-8003") && l.contains("WARN")),
+        "{log}"
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|l| l.contains("2-60-8002") && l.contains("INFO")),
+        "{log}"
+    );
     // Its issuer may; twice changes nothing.
     let first = ok(revoke(&d, "issuer-all", &uvci_a, "wrong-patient", None));
     assert!(first.contains("revoked: version 1"), "{first}");

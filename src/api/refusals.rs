@@ -1,7 +1,9 @@
-//! Refused calls in the log. Issuance logs each request's outcome itself; for the Revocation
-//! and Keys services this wrapper logs every call answered with a non-OK status: the caller's
-//! identity, the method, the gRPC code and the stable dccsign code (`2-60-…`). Never the
-//! request or the rest of the message, so no UVCI and no payload reaches the log.
+//! Refused calls in the log: this wrapper around a gRPC service logs every call answered with
+//! a non-OK status — the caller's identity, the method, the gRPC code and the stable dccsign
+//! code (`2-60-…`), never the request or the rest of the message, so no UVCI and no payload
+//! reaches the log. Authorization refusals (PERMISSION_DENIED) are warnings, the rest
+//! information. The issuance pipeline also logs each outcome itself, with the request id; this
+//! adds what is refused before it (authorization, request checks, limits).
 //!
 //! It reads the status from the response headers, where a unary call's refusal is (a
 //! "trailers-only" response); a refusal at the end of a stream, in its trailers, is not seen.
@@ -58,8 +60,18 @@ where
                     .and_then(stable_code)
                     .unwrap_or_else(|| "-".into());
                 let grpc = tonic::Code::from_i32(status);
-                tracing::info!(client = client.as_deref().unwrap_or("-"), method = %method,
-                    grpc_code = ?grpc, code = %code, "call refused");
+                let client = client.as_deref().unwrap_or("-");
+                if matches!(
+                    grpc,
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) {
+                    // A caller reaching for what its role or its certificates do not allow.
+                    tracing::warn!(client, method = %method, grpc_code = ?grpc, code = %code,
+                        "call refused");
+                } else {
+                    tracing::info!(client, method = %method, grpc_code = ?grpc, code = %code,
+                        "call refused");
+                }
                 metrics::counter!("dccsign_calls_refused_total", "method" => method,
                     "code" => code)
                 .increment(1);

@@ -281,9 +281,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(issuance)
-        .add_service(bulk)
-        // Issuance logs its outcomes itself; these two log each refused call here.
+        .add_service(LogRefusals(issuance))
+        .add_service(LogRefusals(bulk))
         .add_service(LogRefusals(keys))
         .add_service(LogRefusals(revocation_service))
         .serve_with_incoming_shutdown(incoming, {
