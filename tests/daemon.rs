@@ -407,6 +407,97 @@ fn mtls_and_authorization_refusals() {
     assert_eq!(d.dev.ledger_counts(), (0, 1));
 }
 
+/// An auditor reads key states, pending operations, the trust list, the revocation store's
+/// status and verifier lists, and changes nothing: every other method refuses it.
+#[test]
+fn an_auditor_reads_and_changes_nothing() {
+    let dev = Dev::new();
+    let dir = dev.path().to_str().unwrap().to_string();
+    let out = dev.run(&[
+        "dev-client-cert",
+        "--state-dir",
+        &dir,
+        "--name",
+        "auditor-1",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let d = Daemon::start_with(dev, |cfg| {
+        cfg.push_str(
+            "\n[[client]]\nidentity = \"spiffe://dccsign.dev/auditor-1\"\nrole = \"auditor\"\n",
+        );
+    });
+    rt().block_on(async {
+        let ch = d.channel("auditor-1").await.unwrap();
+        let mut keys = pb::keys_client::KeysClient::new(ch.clone());
+        let listed = keys.list_keys(pb::ListKeysRequest {}).await.unwrap();
+        assert_eq!(listed.into_inner().keys.len(), 3);
+        keys.list_pending(pb::ListPendingRequest {}).await.unwrap();
+        let trust = keys.trust_list(pb::TrustListRequest {}).await.unwrap();
+        assert!(trust.into_inner().json.contains("certificate"));
+        let mut rev = pb::revocation_client::RevocationClient::new(ch.clone());
+        rev.status(pb::StatusRequest {}).await.unwrap();
+        let kid = listed_kid(&d).await;
+        rev.get_list(pb::GetListRequest { kid, since: None })
+            .await
+            .unwrap();
+
+        let denied = |e: tonic::Status| {
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+            assert_eq!(error_detail(&e).code, "2-60-9001");
+        };
+        denied(
+            keys.generate_key(pb::GenerateKeyRequest {
+                label: "audited".into(),
+                types: vec![pb::CertificateType::Test as i32],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        );
+        denied(
+            keys.approve(pb::ApproveRequest {
+                operation_id: "OP-1".into(),
+            })
+            .await
+            .unwrap_err(),
+        );
+        denied(
+            rev.revoke(pb::RevokeRequest {
+                uvci: "URN:UVCI:01:SE:DEV/X".into(),
+                reason: "fraud".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        );
+        denied(
+            rev.lift(pb::LiftRequest {
+                uvci: "URN:UVCI:01:SE:DEV/X".into(),
+            })
+            .await
+            .unwrap_err(),
+        );
+        denied(
+            dccsign::api::client::issuance(ch)
+                .issue(issue_request("test", &d.dev.example("test"), "audit-1"))
+                .await
+                .unwrap_err(),
+        );
+        // An issuer still may not read the revocation store's status.
+        let mut issuer =
+            pb::revocation_client::RevocationClient::new(d.channel("issuer-all").await.unwrap());
+        denied(issuer.status(pb::StatusRequest {}).await.unwrap_err());
+    });
+    assert_eq!(d.dev.ledger_counts(), (0, 0));
+}
+
+/// The kid of one configured DSC, as an officer lists it.
+async fn listed_kid(d: &Daemon) -> Vec<u8> {
+    let mut keys = pb::keys_client::KeysClient::new(d.channel("officer-1").await.unwrap());
+    let listed = keys.list_keys(pb::ListKeysRequest {}).await.unwrap();
+    listed.into_inner().keys[0].kid.clone()
+}
+
 #[test]
 fn health_reports_serving_after_the_canary() {
     let d = Daemon::start();

@@ -21,6 +21,12 @@ pub enum Service {
     /// `dccsign.v1.Revocation`: issuers (their own certificates) and officers (method checks
     /// narrow it further).
     Revocation,
+    /// The read-only methods of `dccsign.v1.Keys` (keys, pending operations, trust list):
+    /// officers and auditors.
+    KeysRead,
+    /// The read-only methods of `dccsign.v1.Revocation` (the verifier list, the store's
+    /// status): issuers, officers and auditors (method checks narrow it further).
+    RevocationRead,
 }
 
 impl Service {
@@ -30,6 +36,8 @@ impl Service {
             Service::Issuance => &[Role::Issuer],
             Service::Keys => &[Role::Officer],
             Service::Revocation => &[Role::Issuer, Role::Officer],
+            Service::KeysRead => &[Role::Officer, Role::Auditor],
+            Service::RevocationRead => &[Role::Issuer, Role::Officer, Role::Auditor],
         }
     }
 }

@@ -101,7 +101,7 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::Keys, "")?;
+        let caller = self.authz.authorize(&req, Service::KeysRead, "")?;
         let (managed, counts) = if self.manager.is_some() {
             self.run(|m, _| Ok((m.list()?, m.signed_counts()?))).await?
         } else {
@@ -199,7 +199,7 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ListPendingRequest>,
     ) -> Result<Response<pb::ListPendingResponse>, Status> {
-        self.authz.authorize(&req, Service::Keys, "")?;
+        self.authz.authorize(&req, Service::KeysRead, "")?;
         let ops = self.run(|m, _| m.pending()).await?;
         Ok(Response::new(pb::ListPendingResponse {
             operations: ops.into_iter().map(op_info).collect(),
@@ -296,7 +296,7 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::TrustListRequest>,
     ) -> Result<Response<pb::TrustListResponse>, Status> {
-        self.authz.authorize(&req, Service::Keys, "")?;
+        self.authz.authorize(&req, Service::KeysRead, "")?;
         let v = self.run(|m, now| m.trust_list(now)).await?;
         Ok(Response::new(pb::TrustListResponse {
             json: serde_json::to_string_pretty(&v).unwrap_or_default(),

@@ -89,7 +89,20 @@ impl RevocationService {
     /// rate): overload is refused with RESOURCE_EXHAUSTED here as on issuance. The permit is
     /// held while the call runs.
     fn admit<T>(&self, req: &Request<T>) -> Result<(Caller, OwnedSemaphorePermit), Status> {
-        let caller = self.authz.authorize(req, Service::Revocation, "")?;
+        self.admit_as(req, Service::Revocation)
+    }
+
+    /// [`RevocationService::admit`] for a read-only method, which auditors may also call.
+    fn admit_reader<T>(&self, req: &Request<T>) -> Result<(Caller, OwnedSemaphorePermit), Status> {
+        self.admit_as(req, Service::RevocationRead)
+    }
+
+    fn admit_as<T>(
+        &self,
+        req: &Request<T>,
+        service: Service,
+    ) -> Result<(Caller, OwnedSemaphorePermit), Status> {
+        let caller = self.authz.authorize(req, service, "")?;
         let permit = self.limits.admit(&caller.identity, "")?;
         Ok((caller, permit))
     }
@@ -407,7 +420,7 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::GetListRequest>,
     ) -> Result<Response<pb::GetListResponse>, Status> {
-        let _admitted = self.admit(&req)?;
+        let _admitted = self.admit_reader(&req)?;
         let r = req.into_inner();
         let kid: [u8; 8] = r
             .kid
@@ -430,8 +443,13 @@ impl pb::revocation_server::Revocation for RevocationService {
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
-        officer_only(&caller)?;
+        let (caller, _permit) = self.admit_reader(&req)?;
+        if caller.config.role == Role::Issuer {
+            return Err(error::permission_denied(
+                "only security officers and auditors may call this method",
+                "",
+            ));
+        }
         let (version, st) = self
             .run(|e| Ok((e.store().version()?, e.store().status()?)))
             .await?;
