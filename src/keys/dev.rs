@@ -17,7 +17,7 @@ use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::Certificate;
 
 use super::certificate::{build_csca, build_dsc, build_leaf, to_pem, CertProfile};
-use super::tls::{issue_tls_leaf, issue_tls_leaf_for_token_key, TlsRole};
+use super::tls::{issue_tls_leaf, issue_tls_leaf_for_token_key, Leaf, TlsCa, TlsRole};
 use super::KeysError;
 use crate::dcc::CertType;
 use crate::hsm::{load_pin, KeyHandle, PinSource, Token, TokenSettings, SOFTHSM_MODULE};
@@ -192,7 +192,18 @@ pub fn dev_tls_cert(
                 .into(),
         ));
     }
-    issue_tls_leaf(&token, &ca_key, &ca, &dir, name, role, not_before, lifetime)
+    let ca = TlsCa {
+        token: &token,
+        key: &ca_key,
+        cert: &ca,
+    };
+    let leaf = Leaf {
+        name,
+        role,
+        not_before,
+        lifetime,
+    };
+    issue_tls_leaf(ca, &dir, leaf)
 }
 
 /// Development CSCA operator: checks a PKCS#10 request's own signature and certifies its key as
@@ -396,58 +407,43 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
     }
     let tls_ca = load_cert(&tls_ca_path)?;
     let year = Duration::from_secs(365 * DAY);
+    let ca = TlsCa {
+        token: &token,
+        key: &tls_ca_key,
+        cert: &tls_ca,
+    };
+    let leaf = |name| Leaf {
+        name,
+        role: TlsRole::Client,
+        not_before: now,
+        lifetime: year,
+    };
+    let server = Leaf {
+        role: TlsRole::Server,
+        ..leaf("server")
+    };
     let server_pem = tls_dir.join("server.pem");
-    if tls_dir.join("server.key").exists() {
-        // A state directory from before the server key moved into the token: its
-        // configuration names that file, and so it stays.
-        if !server_pem.exists() {
-            issue_tls_leaf(
-                &token,
-                &tls_ca_key,
-                &tls_ca,
-                &tls_dir,
-                "server",
-                TlsRole::Server,
-                now,
-                year,
-            )?;
-            created.push(format!("TLS server certificate {}", server_pem.display()));
-        }
+    // A state directory from before the server key moved into the token keeps its key file,
+    // which its configuration names.
+    let key_file = tls_dir.join("server.key").exists();
+    let token_key = if key_file {
+        None
     } else {
-        let server_key = ensure_key(&token, TLS_SERVER_LABEL, &mut created)?;
-        if !server_pem.exists() {
-            issue_tls_leaf_for_token_key(
-                &token,
-                &tls_ca_key,
-                &tls_ca,
-                &tls_dir,
-                "server",
-                TlsRole::Server,
-                &server_key,
-                now,
-                year,
-            )?;
-            created.push(format!(
-                "TLS server certificate {} (its key {TLS_SERVER_LABEL} is in the token)",
-                server_pem.display()
-            ));
+        Some(ensure_key(&token, TLS_SERVER_LABEL, &mut created)?)
+    };
+    if !server_pem.exists() {
+        match &token_key {
+            Some(key) => issue_tls_leaf_for_token_key(ca, &tls_dir, server, key).map(|_| ())?,
+            None => issue_tls_leaf(ca, &tls_dir, server).map(|_| ())?,
         }
+        created.push(format!("TLS server certificate {}", server_pem.display()));
     }
     let clients = pki.join("clients");
     for name in DEV_CLIENTS {
         if !clients.join(format!("{name}.pem")).exists()
             || !clients.join(format!("{name}.key")).exists()
         {
-            issue_tls_leaf(
-                &token,
-                &tls_ca_key,
-                &tls_ca,
-                &clients,
-                name,
-                TlsRole::Client,
-                now,
-                year,
-            )?;
+            issue_tls_leaf(ca, &clients, leaf(name))?;
             created.push(format!(
                 "TLS client certificate {}",
                 clients.join(format!("{name}.pem")).display()

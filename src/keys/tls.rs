@@ -50,55 +50,58 @@ pub enum TlsRole {
     Client,
 }
 
+/// The development TLS CA: its key in the token and its certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsCa<'a> {
+    /// The token holding the CA key.
+    pub token: &'a Token,
+    /// The CA key.
+    pub key: &'a KeyHandle,
+    /// The CA certificate.
+    pub cert: &'a Certificate,
+}
+
+/// What a leaf is and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Leaf<'a> {
+    /// The file name (`<name>.pem`) and, for clients, the identity's last segment.
+    pub name: &'a str,
+    /// Server or client.
+    pub role: TlsRole,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// Validity.
+    pub lifetime: Duration,
+}
+
 /// Issues a TLS leaf (certificate + fresh P-256 key) signed by the CA key in the token, and
 /// writes `<dir>/<name>.pem` and `<dir>/<name>.key` (mode 0600). Returns the two paths.
-#[allow(clippy::too_many_arguments)]
 pub fn issue_tls_leaf(
-    token: &Token,
-    ca_key: &KeyHandle,
-    ca_cert: &Certificate,
+    ca: TlsCa<'_>,
     dir: &Path,
-    name: &str,
-    role: TlsRole,
-    not_before: SystemTime,
-    lifetime: Duration,
+    leaf: Leaf<'_>,
 ) -> Result<(PathBuf, PathBuf), KeysError> {
     let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
-    let issuer = (token, ca_key, ca_cert);
-    let cert = tls_leaf(
-        issuer,
-        &secret.public_key(),
-        name,
-        role,
-        not_before,
-        lifetime,
-    )?;
-    let key_path = dir.join(format!("{name}.key"));
+    let cert = tls_leaf(ca, &secret.public_key(), leaf)?;
+    let key_path = dir.join(format!("{}.key", leaf.name));
     let pem = secret.to_pkcs8_pem(LineEnding::LF).map_err(b)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     // A re-issued leaf replaces the old key file.
     let _ = std::fs::remove_file(&key_path);
     crate::hsm::write_private_file(&key_path, pem.as_bytes()).map_err(io(&key_path))?;
-    Ok((write_leaf(dir, name, &cert)?, key_path))
+    Ok((write_leaf(dir, leaf.name, &cert)?, key_path))
 }
 
 /// Issues a TLS leaf for a key in the token (`key`) and writes `<dir>/<name>.pem`; returns its
 /// path. No key file: whoever presents the certificate signs with the token.
-#[allow(clippy::too_many_arguments)]
 pub fn issue_tls_leaf_for_token_key(
-    token: &Token,
-    ca_key: &KeyHandle,
-    ca_cert: &Certificate,
+    ca: TlsCa<'_>,
     dir: &Path,
-    name: &str,
-    role: TlsRole,
+    leaf: Leaf<'_>,
     key: &KeyHandle,
-    not_before: SystemTime,
-    lifetime: Duration,
 ) -> Result<PathBuf, KeysError> {
-    let issuer = (token, ca_key, ca_cert);
-    let cert = tls_leaf(issuer, &key.public_key, name, role, not_before, lifetime)?;
-    write_leaf(dir, name, &cert)
+    let cert = tls_leaf(ca, &key.public_key, leaf)?;
+    write_leaf(dir, leaf.name, &cert)
 }
 
 fn write_leaf(dir: &Path, name: &str, cert: &Certificate) -> Result<PathBuf, KeysError> {
@@ -110,13 +113,16 @@ fn write_leaf(dir: &Path, name: &str, cert: &Certificate) -> Result<PathBuf, Key
 
 /// The certificate of a TLS leaf for `public_key`, signed by the CA key in the token.
 fn tls_leaf(
-    (token, ca_key, ca_cert): (&Token, &KeyHandle, &Certificate),
+    ca: TlsCa<'_>,
     public_key: &p256::PublicKey,
-    name: &str,
-    role: TlsRole,
-    not_before: SystemTime,
-    lifetime: Duration,
+    leaf: Leaf<'_>,
 ) -> Result<Certificate, KeysError> {
+    let Leaf {
+        name,
+        role,
+        not_before,
+        lifetime,
+    } = leaf;
     let mut names = Vec::new();
     let eku = match role {
         TlsRole::Server => {
@@ -141,9 +147,9 @@ fn tls_leaf(
         }
     };
     build_leaf(
-        token,
-        ca_key,
-        ca_cert,
+        ca.token,
+        ca.key,
+        ca.cert,
         public_key,
         &[eku],
         Some(SubjectAltName(names)),
