@@ -454,6 +454,61 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
 /// Single revocations, lifts and replacements are in the audit log: who, which ledger row and
 /// kid, the reason and the outcome (never the UVCI); refused calls add nothing, and the chain
 /// verifies.
+/// A revocation whose client gives up while the change is under way still gets its audit
+/// entry: the work runs to its end in a task of its own.
+#[test]
+fn a_revocation_the_client_abandons_is_still_audited() {
+    let d = Daemon::start();
+    let (uvci, _) = issue(&d, "issuer-all", "test", false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Another writer holds the ledger: the revocation waits for it inside the daemon.
+    let other = ledger(&d);
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let e = rt.block_on(async {
+        let ch = d.channel("issuer-all").await.unwrap();
+        let mut c = dccsign::api::pb::revocation_client::RevocationClient::new(ch);
+        let mut req = tonic::Request::new(dccsign::api::pb::RevokeRequest {
+            uvci: uvci.clone(),
+            reason: "fraud".into(),
+            ..Default::default()
+        });
+        req.set_timeout(std::time::Duration::from_millis(300));
+        c.revoke(req).await.unwrap_err()
+    });
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{e}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    other.execute_batch("ROLLBACK").unwrap();
+    // The revocation took effect, and its entry follows.
+    let control = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let entries = || -> i64 {
+        control
+            .query_row(
+                "SELECT count(*) FROM audit WHERE operation = 'revocation.revoke'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while entries() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(entries(), 1, "{}", d.log());
+    let revoked: i64 = ledger(&d)
+        .query_row("SELECT count(*) FROM revocations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(revoked, 1);
+}
+
 #[test]
 fn single_revocations_lifts_and_replacements_are_audited() {
     let d = Daemon::start();

@@ -167,14 +167,27 @@ impl RevocationService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::revocation_server::Revocation for RevocationService {
-    async fn revoke(
+/// Runs a call's work in a task of its own that holds the caller's in-flight permit: a client
+/// that goes away (or whose deadline passes) cannot cut a revocation between the change and
+/// its audit entry, and its place in the limit is kept until the work ends.
+async fn detached<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(async move {
+        let _permit = permit;
+        work.await
+    })
+    .await
+    .map_err(|e| Status::internal(format!("revocation task failed: {e}")))?
+}
+
+impl RevocationService {
+    async fn revoke_now(
         &self,
-        req: Request<pb::RevokeRequest>,
+        caller: Caller,
+        r: pb::RevokeRequest,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
-        let r = req.into_inner();
         let reason: Reason = r
             .reason
             .parse()
@@ -218,18 +231,17 @@ impl pb::revocation_server::Revocation for RevocationService {
         }))
     }
 
-    async fn replace(
+    async fn replace_now(
         &self,
-        req: Request<pb::ReplaceRequest>,
+        caller: Caller,
+        r: pb::ReplaceRequest,
     ) -> Result<Response<pb::ReplaceResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
         if caller.config.role != Role::Issuer {
             return Err(error::permission_denied(
                 "only issuers replace certificates (officers revoke)",
                 "",
             ));
         }
-        let r = req.into_inner();
         let old = self.certificate(&caller, &r.uvci).await?;
         let t: CertType = old
             .cert_type
@@ -290,13 +302,13 @@ impl pb::revocation_server::Revocation for RevocationService {
         }))
     }
 
-    async fn lift(
+    async fn lift_now(
         &self,
-        req: Request<pb::LiftRequest>,
+        caller: Caller,
+        r: pb::LiftRequest,
     ) -> Result<Response<pb::LiftResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
-        let cert = self.certificate(&caller, &req.get_ref().uvci).await?;
+        let cert = self.certificate(&caller, &r.uvci).await?;
         let by = caller.identity.clone();
         let id = cert.id;
         let version = self
@@ -311,6 +323,36 @@ impl pb::revocation_server::Revocation for RevocationService {
         )
         .await?;
         Ok(Response::new(pb::LiftResponse { version }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::revocation_server::Revocation for RevocationService {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let (caller, permit) = self.admit(&req)?;
+        let (svc, r) = (self.clone(), req.into_inner());
+        detached(permit, async move { svc.revoke_now(caller, r).await }).await
+    }
+
+    async fn replace(
+        &self,
+        req: Request<pb::ReplaceRequest>,
+    ) -> Result<Response<pb::ReplaceResponse>, Status> {
+        let (caller, permit) = self.admit(&req)?;
+        let (svc, r) = (self.clone(), req.into_inner());
+        detached(permit, async move { svc.replace_now(caller, r).await }).await
+    }
+
+    async fn lift(
+        &self,
+        req: Request<pb::LiftRequest>,
+    ) -> Result<Response<pb::LiftResponse>, Status> {
+        let (caller, permit) = self.admit(&req)?;
+        let (svc, r) = (self.clone(), req.into_inner());
+        detached(permit, async move { svc.lift_now(caller, r).await }).await
     }
 
     async fn request_bulk_revocation(
