@@ -359,23 +359,18 @@ impl pb::issuance_server::Issuance for IssuanceService {
         let permit = self.limits.admit(&caller.identity, &p.rid)?;
         let rid = p.rid.clone();
         let svc = self.clone();
-        // The permit goes with the work: a client that cancels the call does not get its room
-        // back while the signing it started still runs.
-        tokio::spawn(async move {
-            let _permit = permit;
-            svc.sign(&caller, p).await
-        })
-        .await
-        .map_err(|e| {
-            let d = internal_detail(rid);
-            error::status(
-                tonic::Code::Internal,
-                &format!("signing task failed: {e}"),
-                &d,
-            )
-        })?
-        .map(Response::new)
-        .map_err(|(s, _)| s)
+        super::limits::run_admitted(permit, async move { svc.sign(&caller, p).await })
+            .await
+            .map_err(|e| {
+                let d = internal_detail(rid);
+                error::status(
+                    tonic::Code::Internal,
+                    &format!("signing task failed: {e}"),
+                    &d,
+                )
+            })?
+            .map(Response::new)
+            .map_err(|(s, _)| s)
     }
 
     type IssueStreamStream = ResponseStream<pb::IssueStreamResponse>;

@@ -86,6 +86,21 @@ impl Limits {
     }
 }
 
+/// Runs an admitted call's work in a task of its own that holds the call's permit: a client
+/// that goes away (or whose deadline passes) cannot cut the work short — a reservation from
+/// its completion, a revocation from its audit entry — and its place in the in-flight limit is
+/// kept until the work ends. Fails only when the task itself failed (a panic).
+pub async fn run_admitted<T: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::spawn(async move {
+        let _permit = permit;
+        work.await
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

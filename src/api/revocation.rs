@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Caller, Service};
 use super::issuance::{spawn_issue, uvci_prefix, Body};
-use super::limits::Limits;
+use super::limits::{run_admitted, Limits};
 use super::{error, pb};
 use crate::config::Role;
 use crate::dcc::CertType;
@@ -167,19 +167,15 @@ impl RevocationService {
     }
 }
 
-/// Runs a call's work in a task of its own that holds the caller's in-flight permit: a client
-/// that goes away (or whose deadline passes) cannot cut a revocation between the change and
-/// its audit entry, and its place in the limit is kept until the work ends.
+/// The work of a call that changes something, run by [`run_admitted`]: it reaches its audit
+/// entry even when the client goes away.
 async fn detached<T: Send + 'static>(
     permit: OwnedSemaphorePermit,
     work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(async move {
-        let _permit = permit;
-        work.await
-    })
-    .await
-    .map_err(|e| Status::internal(format!("revocation task failed: {e}")))?
+    run_admitted(permit, work)
+        .await
+        .map_err(|e| Status::internal(format!("revocation task failed: {e}")))?
 }
 
 impl RevocationService {
