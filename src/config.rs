@@ -590,6 +590,24 @@ pub struct ClientConfig {
     /// For issuers: the UVCI prefix of certificates it issues (default: `issuer.uvci_prefix`).
     #[serde(default)]
     pub uvci_prefix: Option<String>,
+    /// For issuers: which UVCIs a payload of this client may carry in `ci` (default
+    /// `own-prefix`).
+    #[serde(default)]
+    pub given_uvci: GivenUvci,
+}
+
+/// Which UVCIs an issuer may give its certificates itself (a payload's `ci`); a payload without
+/// one gets a UVCI under the client's prefix from the daemon either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GivenUvci {
+    /// Only UVCIs in the client's own namespace, `URN:UVCI:01:<country>:<uvci_prefix>/…`, so
+    /// that no front-end issues (or blocks) UVCIs in another's namespace.
+    #[default]
+    OwnPrefix,
+    /// Any UVCI of the issuing country (e.g. a front-end that numbers its certificates in
+    /// namespaces of its own, or while one is migrated).
+    Any,
 }
 
 impl Config {
@@ -759,5 +777,22 @@ mod tests {
         .unwrap();
         assert_eq!(s.key, TlsKey::Token(uri.into()));
         assert_eq!(String::from(s.key), uri);
+    }
+
+    /// A client gives UVCIs in its own namespace unless configured otherwise.
+    #[test]
+    fn given_uvcis_are_the_own_prefix_unless_any() {
+        let client = |extra: &str| {
+            toml::from_str::<ClientConfig>(&format!(
+                "identity = \"spiffe://x/i\"\nrole = \"issuer\"\n{extra}"
+            ))
+        };
+        assert_eq!(client("").unwrap().given_uvci, GivenUvci::OwnPrefix);
+        let any = client("given_uvci = \"any\"").unwrap();
+        assert_eq!(any.given_uvci, GivenUvci::Any);
+        let own = client("given_uvci = \"own-prefix\"").unwrap();
+        assert_eq!(own.given_uvci, GivenUvci::OwnPrefix);
+        let e = client("given_uvci = \"none\"").unwrap_err().to_string();
+        assert!(e.contains("own-prefix"), "{e}");
     }
 }

@@ -260,7 +260,36 @@ fn errors_carry_status_code_field_and_stable_code() {
             .unwrap_err();
         assert_eq!(s.code(), tonic::Code::AlreadyExists);
         assert_eq!(error_detail(&s).code, "2-60-1001-91");
+
+        // issuer-test's namespace is DEVTEST (its uvci_prefix): a UVCI in issuer-all's (DEV)
+        // is refused at the field, and nothing is recorded.
+        let mut t = dccsign::api::client::issuance(d.channel("issuer-test").await.unwrap());
+        let mut p = d.dev.example("test");
+        p["t"][0]["ci"] = json!("URN:UVCI:01:SE:DEV/NOTYOURS0001");
+        let s = t
+            .issue(issue_request("test", &p, "ns-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let det = error_detail(&s);
+        assert_eq!(det.code, "2-60-1001-29");
+        assert_eq!(det.violations[0].field, "t[0].ci");
+        assert_eq!(det.violations[0].rule, "uvci-namespace");
+        assert!(
+            det.violations[0]
+                .message
+                .contains("URN:UVCI:01:SE:DEVTEST/"),
+            "{det:?}"
+        );
+        p["t"][0]["ci"] = json!("URN:UVCI:01:SE:DEVTEST/MINE0001");
+        let ok = t
+            .issue(issue_request("test", &p, "ns-2"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.uvci, "URN:UVCI:01:SE:DEVTEST/MINE0001");
     });
+    assert_eq!(d.dev.ledger_counts(), (0, 2));
 }
 
 #[test]

@@ -5,8 +5,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use dccsign::config::Config;
-use dccsign::dcc::CertType;
+use dccsign::config::{Config, GivenUvci};
+use dccsign::dcc::{CertType, Rule};
 use dccsign::hsm::Token;
 use dccsign::issuance::{IssueError, Issuer, IssuerSettings, Payload};
 use dccsign::keys::DscSet;
@@ -253,8 +253,69 @@ fn request(request_id: &str) -> dccsign::issuance::RequestContext<'_> {
         client: "spiffe://x/issuer",
         request_id,
         uvci_prefix: "DEV",
+        given_uvci: GivenUvci::OwnPrefix,
         replaces: None,
     }
+}
+
+/// A client gives UVCIs in its own namespace only, unless configured to give any; a refusal
+/// names the field and the rule, and records nothing.
+#[test]
+fn a_client_gives_uvcis_in_its_own_namespace_only() {
+    let ledger = flaky();
+    let iss = issuer(ledger.clone());
+    let now = time::OffsetDateTime::now_utc();
+    let theirs = vaccination(Some("URN:UVCI:01:SE:EHM/NOTOURS1"));
+    let err = iss
+        .issue_for(
+            CertType::Vaccination,
+            Payload::Json(&theirs),
+            now,
+            request("ns-1"),
+        )
+        .unwrap_err();
+    match &err {
+        IssueError::Invalid(v) => {
+            assert!(v.has("v[0].ci", Rule::UvciNamespace), "{v}");
+            assert!(v.to_string().contains("URN:UVCI:01:SE:DEV/"), "{v}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(err.code(), "2-60-1001-29");
+    assert!(err.is_client_error());
+    assert_eq!(ledger.counts().unwrap(), LedgerCounts::default());
+    // A prefix that merely starts like ours is another namespace.
+    let longer = vaccination(Some("URN:UVCI:01:SE:DEVX/NOTOURS2"));
+    let err = iss
+        .issue_for(
+            CertType::Vaccination,
+            Payload::Json(&longer),
+            now,
+            request("ns-2"),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), "2-60-1001-29", "{err}");
+    // Its own namespace is signed.
+    let ours = vaccination(Some("URN:UVCI:01:SE:DEV/OURS1"));
+    let issued = iss
+        .issue_for(
+            CertType::Vaccination,
+            Payload::Json(&ours),
+            now,
+            request("ns-3"),
+        )
+        .unwrap();
+    assert_eq!(issued.uvci, "URN:UVCI:01:SE:DEV/OURS1");
+    // A client configured to give any UVCI of the country may give another namespace's.
+    let any = dccsign::issuance::RequestContext {
+        given_uvci: GivenUvci::Any,
+        ..request("ns-4")
+    };
+    let issued = iss
+        .issue_for(CertType::Vaccination, Payload::Json(&theirs), now, any)
+        .unwrap();
+    assert_eq!(issued.uvci, "URN:UVCI:01:SE:EHM/NOTOURS1");
+    assert_eq!(ledger.counts().unwrap().signed, 2);
 }
 
 #[test]

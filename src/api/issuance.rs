@@ -16,6 +16,7 @@ use super::authz::{Authorizer, Caller, Service};
 use super::error::{self, codes};
 use super::limits::Limits;
 use super::pb;
+use crate::config::GivenUvci;
 use crate::dcc::CertType;
 use crate::issuance::{IssueError, Issued, Issuer, Payload, RequestContext};
 
@@ -101,13 +102,29 @@ pub(super) enum Body {
     Cbor(Vec<u8>),
 }
 
-/// The UVCI prefix for a caller's certificates: its own, else the issuer's.
-pub(super) fn uvci_prefix(caller: &Caller, issuer: &Issuer) -> String {
-    caller
-        .config
-        .uvci_prefix
-        .clone()
-        .unwrap_or_else(|| issuer.settings().uvci_prefix.clone())
+/// Who asks, for the pipeline: the caller's identity, its request id, the UVCI prefix of its
+/// certificates (its own, else the issuer's) and which UVCIs it may give itself.
+pub(super) struct Who {
+    client: String,
+    request_id: String,
+    uvci_prefix: String,
+    given_uvci: GivenUvci,
+}
+
+impl Who {
+    /// `caller` with request id `request_id`.
+    pub(super) fn new(caller: &Caller, issuer: &Issuer, request_id: String) -> Who {
+        Who {
+            client: caller.identity.clone(),
+            request_id,
+            uvci_prefix: caller
+                .config
+                .uvci_prefix
+                .clone()
+                .unwrap_or_else(|| issuer.settings().uvci_prefix.clone()),
+            given_uvci: caller.config.given_uvci,
+        }
+    }
 }
 
 /// Runs the pipeline for one request in a task of its own, not part of the handler's future: a
@@ -117,7 +134,7 @@ pub(super) fn spawn_issue(
     issuer: Arc<Issuer>,
     t: CertType,
     body: Body,
-    who: (String, String, String),
+    who: Who,
     replaces: Option<i64>,
 ) -> tokio::task::JoinHandle<Result<Issued, IssueError>> {
     tokio::spawn(async move { run_issue(&issuer, t, &body, &who, replaces).await })
@@ -129,14 +146,15 @@ async fn run_issue(
     issuer: &Issuer,
     t: CertType,
     body: &Body,
-    (client, rid, prefix): &(String, String, String),
+    who: &Who,
     replaces: Option<i64>,
 ) -> Result<Issued, IssueError> {
     let now = time::OffsetDateTime::now_utc();
     let ctx = RequestContext {
-        client,
-        request_id: rid,
-        uvci_prefix: prefix,
+        client: &who.client,
+        request_id: &who.request_id,
+        uvci_prefix: &who.uvci_prefix,
+        given_uvci: who.given_uvci,
         replaces,
     };
     let payload = match body {
@@ -235,9 +253,8 @@ impl IssuanceService {
         p: Prepared,
     ) -> Result<pb::IssueResponse, (Status, pb::ErrorDetail)> {
         let started = Instant::now();
-        let prefix = uvci_prefix(caller, &self.issuer);
         let (t, rid, qr) = (p.t, p.rid.clone(), p.qr);
-        let who = (caller.identity.clone(), p.rid, prefix);
+        let who = Who::new(caller, &self.issuer, p.rid);
         let result = run_issue(&self.issuer, t, &p.body, &who, None).await;
         let elapsed = started.elapsed().as_secs_f64();
         metrics::histogram!("dccsign_request_seconds", "type" => t.as_str()).record(elapsed);

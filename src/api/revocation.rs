@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Caller, Service};
-use super::issuance::{spawn_issue, uvci_prefix, Body};
+use super::issuance::{spawn_issue, Body, Who};
 use super::limits::{run_admitted, Limits};
 use super::{error, pb};
 use crate::config::Role;
@@ -261,11 +261,7 @@ impl RevocationService {
             pb::replace_request::Payload::PayloadJson(j) => Body::Json(j),
             pb::replace_request::Payload::PayloadCbor(c) => Body::Cbor(c),
         };
-        let who = (
-            caller.identity.clone(),
-            rid.clone(),
-            uvci_prefix(&caller, &self.issuer),
-        );
+        let who = Who::new(&caller, &self.issuer, rid.clone());
         let task = spawn_issue(self.issuer.clone(), t, body, who, Some(old.id));
         let issued = task
             .await

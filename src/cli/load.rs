@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use dccsign::api::pb;
 use dccsign::config::Config;
 use dccsign::dcc::CertType;
+use rustls::pki_types::pem::PemObject;
 use serde_json::json;
 
 mod pace;
@@ -153,14 +154,33 @@ struct Templates {
     /// The payload of each type, split where its UVCI goes (`None`: the payload has no UVCI
     /// and the daemon derives one).
     by_type: BTreeMap<CertType, (String, Option<String>)>,
-    /// The client's UVCIs up to the request number: `URN:UVCI:01:<CC>:LOAD/<RUN>N`.
+    /// The client's UVCIs up to the request number: `URN:UVCI:01:<CC>:<prefix>/<RUN>N`.
     uvci_prefix: String,
 }
 
 type Payloads = Arc<Templates>;
 
-/// The example payloads, with a UVCI placeholder when the client names the certificates.
-fn payloads(country: &str, uvci: UvciSource, run: &str, now: time::OffsetDateTime) -> Payloads {
+/// The UVCI prefix of the client whose certificate is `cert`, as the daemon's config gives it
+/// (the client's own, else the issuer's): the daemon refuses UVCIs outside it.
+fn client_uvci_prefix(cfg: &Config, cert: &std::path::Path) -> Result<String, String> {
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let identity = dccsign::api::tls::identity_of(&der)
+        .ok_or_else(|| format!("{}: no URI or DNS name", cert.display()))?;
+    let client = cfg.clients.iter().find(|c| c.identity == identity);
+    Ok(client
+        .and_then(|c| c.uvci_prefix.clone())
+        .unwrap_or_else(|| cfg.issuer.uvci_prefix.clone()))
+}
+
+/// The example payloads, with a UVCI placeholder when the client names the certificates
+/// (`prefix`: its namespace).
+fn payloads(
+    (country, prefix): (&str, &str),
+    uvci: UvciSource,
+    run: &str,
+    now: time::OffsetDateTime,
+) -> Payloads {
     const MARK: &str = "URN:UVCI:01:XX:MARK";
     let split = |t: CertType| {
         let ci = (uvci == UvciSource::Client).then_some(MARK);
@@ -172,12 +192,12 @@ fn payloads(country: &str, uvci: UvciSource, run: &str, now: time::OffsetDateTim
     };
     Arc::new(Templates {
         by_type: CertType::ALL.iter().map(|t| (*t, split(*t))).collect(),
-        uvci_prefix: format!("URN:UVCI:01:{country}:LOAD/{}N", run.to_uppercase()),
+        uvci_prefix: format!("URN:UVCI:01:{country}:{prefix}/{}N", run.to_uppercase()),
     })
 }
 
 /// Request `n` of run `run`: the type by the mix, and its own UVCI when the client names the
-/// certificates (`URN:UVCI:01:<CC>:LOAD/<RUN>N<n>` with its check character).
+/// certificates (`URN:UVCI:01:<CC>:<prefix>/<RUN>N<n>` with its check character).
 fn request(n: u64, run: &str, payloads: &Payloads) -> pb::IssueRequest {
     let t = pick(n);
     let ty = pb::CertificateType::from(t);
@@ -331,7 +351,14 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
     };
     let now = time::OffsetDateTime::now_utc();
     let run_id = format!("load{:08x}", rand::random::<u32>());
-    let payloads = payloads(&cfg.issuer.country, args.uvci, &run_id, now);
+    let dir = args.state_dir.clone();
+    let (cert, key, ca) = (
+        dir.join(format!("pki/clients/{}.pem", args.as_client)),
+        dir.join(format!("pki/clients/{}.key", args.as_client)),
+        dir.join("pki/tls/ca.pem"),
+    );
+    let prefix = client_uvci_prefix(&cfg, &cert)?;
+    let payloads = payloads((&cfg.issuer.country, &prefix), args.uvci, &run_id, now);
     let stats = Arc::new(Stats::default());
     let raw_before = if args.raw_hsm || args.min_ratio.is_some() {
         let bench = RawBench::open(&cfg)?;
@@ -345,12 +372,6 @@ fn run_inner(args: LoadArgs) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let dir = args.state_dir.clone();
-    let (cert, key, ca) = (
-        dir.join(format!("pki/clients/{}.pem", args.as_client)),
-        dir.join(format!("pki/clients/{}.key", args.as_client)),
-        dir.join("pki/tls/ca.pem"),
-    );
     let (elapsed, cpu) = rt.block_on(async {
         let mut channels = Vec::new();
         for _ in 0..args.connections.max(1) {

@@ -89,6 +89,8 @@ rules! {
     DateInFuture = "2-60-1001-27", "date-in-future";
     /// Recovery dates are not ordered `fr ≤ df ≤ du`.
     RecoveryDateOrder = "2-60-1001-28", "recovery-date-order";
+    /// A UVCI the caller gives is outside its namespace `URN:UVCI:01:<CC>:<prefix>/…`.
+    UvciNamespace = "2-60-1001-29", "uvci-namespace";
 }
 
 /// One problem with one field. The message never contains a value from the payload.

@@ -61,6 +61,18 @@ pub fn from_digest(country: &str, issuer_prefix: &str, digest: &[u8; 32]) -> Str
     }
 }
 
+/// Whether `ci` (syntactically a UVCI: see [`check_syntax`]) is in the namespace of
+/// `issuer_prefix`: `[URN:UVCI:]01:<CC>:<issuer_prefix>/…`, as [`generate`] makes them.
+pub fn in_namespace(ci: &str, issuer_prefix: &str) -> bool {
+    let rest = ci.strip_prefix("URN:UVCI:").unwrap_or(ci);
+    let Some((_country, body)) = rest.strip_prefix("01:").and_then(|r| r.split_once(':')) else {
+        return false;
+    };
+    body.strip_prefix(issuer_prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .is_some_and(|opaque| !opaque.is_empty() && !opaque.starts_with('#'))
+}
+
 /// Checks UVCI syntax: optional `URN:UVCI:` prefix, version `01`, a two-letter country, a
 /// non-empty body of `A-Z 0-9 / :`, an optional `#` and one check character; at most 80
 /// characters. The check character is not verified (countries disagree on it in practice).
@@ -113,6 +125,24 @@ pub fn check_syntax(ci: &str, issuer_country: Option<&str>) -> Result<(), (Rule,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaces() {
+        assert!(in_namespace("URN:UVCI:01:SE:EHM/V12907267LAJW#E", "EHM"));
+        assert!(in_namespace("01:SE:EHM/V1", "EHM"));
+        assert!(in_namespace("URN:UVCI:01:SE:EHM/A/B", "EHM"));
+        // Another issuer's, one whose prefix merely starts with ours, no prefix at all.
+        assert!(!in_namespace("URN:UVCI:01:SE:ABC/V1", "EHM"));
+        assert!(!in_namespace("URN:UVCI:01:SE:EHMX/V1", "EHM"));
+        assert!(!in_namespace("URN:UVCI:01:SE:EHMV1", "EHM"));
+        assert!(!in_namespace("URN:UVCI:01:SE:EHM", "EHM"));
+        assert!(!in_namespace("URN:UVCI:01:SE:EHM/", "EHM"));
+        assert!(!in_namespace("URN:UVCI:01:SE:EHM/#E", "EHM"));
+        assert!(!in_namespace("URN:UVCI:02:SE:EHM/V1", "EHM"));
+        let mut rng = rand::rngs::OsRng;
+        assert!(in_namespace(&generate("SE", "DEV", &mut rng), "DEV"));
+        assert!(in_namespace(&from_digest("SE", "DEV", &[7; 32]), "DEV"));
+    }
 
     #[test]
     fn luhn_vector() {

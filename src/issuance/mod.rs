@@ -19,9 +19,9 @@ use std::sync::{Arc, RwLock};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::config::Config;
+use crate::config::{Config, GivenUvci};
 use crate::cose::{self, CwtClaims, ProtectedHeader};
-use crate::dcc::{self, CertType, Policy};
+use crate::dcc::{self, CertType, FieldError, Policy, Rule, ValidationErrors};
 use crate::hsm::{SecretKeyHandle, SigningPool, Token};
 use crate::keys::{ActiveDsc, DscSet};
 use crate::ledger::{Ledger, LedgerError, RequestKey, Reservation, StoredRequest};
@@ -108,6 +108,8 @@ pub struct RequestContext<'a> {
     pub request_id: &'a str,
     /// The UVCI prefix for certificates of this client.
     pub uvci_prefix: &'a str,
+    /// Which UVCIs this client's payloads may carry themselves.
+    pub given_uvci: GivenUvci,
     /// Ledger row of the certificate this one replaces (revoked as `replaced` atomically with
     /// this one's completion).
     pub replaces: Option<i64>,
@@ -402,8 +404,24 @@ impl Issuer {
         let mut dcc = self.validated(t, payload, now)?;
         let signer = self.signer(t, now)?;
         let (iat, exp) = expiry(&dcc, &self.settings.lifetime, &signer.dsc.dsc, now)?;
-        if dcc.uvci().is_none() {
-            dcc.set_uvci(self.derived_uvci(ctx).await?);
+        match dcc.uvci() {
+            None => dcc.set_uvci(self.derived_uvci(ctx).await?),
+            Some(ci)
+                if ctx.given_uvci == GivenUvci::OwnPrefix
+                    && !dcc::uvci::in_namespace(ci, ctx.uvci_prefix) =>
+            {
+                return Err(IssueError::Invalid(ValidationErrors(vec![
+                    FieldError::new(
+                        format!("{}[0].ci", t.payload_key()),
+                        Rule::UvciNamespace,
+                        format!(
+                            "this client's UVCIs must start with URN:UVCI:01:{}:{}/",
+                            self.settings.country, ctx.uvci_prefix
+                        ),
+                    ),
+                ])));
+            }
+            Some(_) => {}
         }
         let key = RequestKey {
             client: ctx.client.to_string(),

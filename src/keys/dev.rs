@@ -557,6 +557,8 @@ health_interval_seconds = 5
 async_workers = 0
 
 # Who may call. Each gRPC service allows some roles only: Issuance = issuer.
+# An issuer's UVCIs are URN:UVCI:01:SE:<uvci_prefix>/… (default: [issuer] uvci_prefix); a UVCI
+# it gives in a payload must be in that namespace too, unless it has given_uvci = "any".
 [[client]]
 identity = "spiffe://dccsign.dev/issuer-all"
 role = "issuer"
