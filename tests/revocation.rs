@@ -509,6 +509,65 @@ fn a_revocation_the_client_abandons_is_still_audited() {
     assert_eq!(revoked, 1);
 }
 
+/// An officer's export that the client abandons keeps its in-flight place until its work
+/// (building the batches) ends, as every revocation call does.
+#[test]
+fn an_abandoned_export_keeps_its_place_until_its_work_ends() {
+    let d = Daemon::start_with(common::Dev::new(), |c| {
+        *c = c.replace(
+            "max_in_flight_per_client = 256",
+            "max_in_flight_per_client = 1",
+        );
+    });
+    let (uvci, _) = issue(&d, "issuer-all", "test", false);
+    ok(revoke(&d, "officer-1", &uvci, "fraud", None));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Another writer holds the ledger: building the batch waits for it inside the daemon.
+    let other = ledger(&d);
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    rt.block_on(async {
+        let ch = d.channel("officer-1").await.unwrap();
+        let mut c = dccsign::api::pb::revocation_client::RevocationClient::new(ch);
+        let mut req = tonic::Request::new(dccsign::api::pb::ExportBatchesRequest::default());
+        req.set_timeout(std::time::Duration::from_millis(300));
+        let e = c.export_batches(req).await.unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{e}"
+        );
+        // Its work still runs: the officer's next call is refused, not admitted beside it.
+        let e = c
+            .status(dccsign::api::pb::StatusRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        other.execute_batch("ROLLBACK").unwrap();
+        // The ledger free again, the export ends and the officer is admitted again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let batches = loop {
+            match c
+                .export_batches(dccsign::api::pb::ExportBatchesRequest::default())
+                .await
+            {
+                Err(e)
+                    if e.code() == tonic::Code::ResourceExhausted
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => break other.unwrap().into_inner().batches,
+            }
+        };
+        assert!(!batches.is_empty());
+    });
+}
+
 #[test]
 fn single_revocations_lifts_and_replacements_are_audited() {
     let d = Daemon::start();

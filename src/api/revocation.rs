@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
 use super::authz::{Authorizer, Caller, Service};
@@ -85,26 +84,27 @@ impl RevocationService {
         }
     }
 
-    /// Authorises the caller and admits the call under its limits (requests in flight and
-    /// rate): overload is refused with RESOURCE_EXHAUSTED here as on issuance. The permit is
-    /// held while the call runs.
-    fn admit<T>(&self, req: &Request<T>) -> Result<(Caller, OwnedSemaphorePermit), Status> {
-        self.admit_as(req, Service::Revocation)
-    }
-
-    /// [`RevocationService::admit`] for a read-only method, which auditors may also call.
-    fn admit_reader<T>(&self, req: &Request<T>) -> Result<(Caller, OwnedSemaphorePermit), Status> {
-        self.admit_as(req, Service::RevocationRead)
-    }
-
-    fn admit_as<T>(
+    /// Authorises the caller for `service` and admits the call under its limits (requests in
+    /// flight and rate: overload is refused with RESOURCE_EXHAUSTED here as on issuance), then
+    /// runs `work` in a task of its own that holds the permit ([`run_admitted`]): a client that
+    /// goes away cannot cut a change short of its audit entry, and its place in the in-flight
+    /// limit is kept until the work ends.
+    async fn call<R, T, F>(
         &self,
-        req: &Request<T>,
+        req: Request<R>,
         service: Service,
-    ) -> Result<(Caller, OwnedSemaphorePermit), Status> {
-        let caller = self.authz.authorize(req, service, "")?;
+        work: impl FnOnce(RevocationService, Caller, R) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<Response<T>, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let caller = self.authz.authorize(&req, service, "")?;
         let permit = self.limits.admit(&caller.identity, "")?;
-        Ok((caller, permit))
+        let work = work(self.clone(), caller, req.into_inner());
+        run_admitted(permit, work)
+            .await
+            .map_err(|e| Status::internal(format!("revocation task failed: {e}")))?
     }
 
     /// Runs blocking store/token work on the blocking pool, mapping its error once.
@@ -165,17 +165,6 @@ impl RevocationService {
         }
         Ok(found)
     }
-}
-
-/// The work of a call that changes something, run by [`run_admitted`]: it reaches its audit
-/// entry even when the client goes away.
-async fn detached<T: Send + 'static>(
-    permit: OwnedSemaphorePermit,
-    work: impl std::future::Future<Output = Result<T, Status>> + Send + 'static,
-) -> Result<T, Status> {
-    run_admitted(permit, work)
-        .await
-        .map_err(|e| Status::internal(format!("revocation task failed: {e}")))?
 }
 
 impl RevocationService {
@@ -316,44 +305,13 @@ impl RevocationService {
         .await?;
         Ok(Response::new(pb::LiftResponse { version }))
     }
-}
 
-#[tonic::async_trait]
-impl pb::revocation_server::Revocation for RevocationService {
-    async fn revoke(
+    async fn bulk_now(
         &self,
-        req: Request<pb::RevokeRequest>,
-    ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let (caller, permit) = self.admit(&req)?;
-        let (svc, r) = (self.clone(), req.into_inner());
-        detached(permit, async move { svc.revoke_now(caller, r).await }).await
-    }
-
-    async fn replace(
-        &self,
-        req: Request<pb::ReplaceRequest>,
-    ) -> Result<Response<pb::ReplaceResponse>, Status> {
-        let (caller, permit) = self.admit(&req)?;
-        let (svc, r) = (self.clone(), req.into_inner());
-        detached(permit, async move { svc.replace_now(caller, r).await }).await
-    }
-
-    async fn lift(
-        &self,
-        req: Request<pb::LiftRequest>,
-    ) -> Result<Response<pb::LiftResponse>, Status> {
-        let (caller, permit) = self.admit(&req)?;
-        let (svc, r) = (self.clone(), req.into_inner());
-        detached(permit, async move { svc.lift_now(caller, r).await }).await
-    }
-
-    async fn request_bulk_revocation(
-        &self,
-        req: Request<pb::BulkRevocationRequest>,
+        caller: Caller,
+        r: pb::BulkRevocationRequest,
     ) -> Result<Response<pb::Operation>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
-        let r = req.into_inner();
         let reason: Reason = r
             .reason
             .parse()
@@ -395,11 +353,11 @@ impl pb::revocation_server::Revocation for RevocationService {
         Ok(Response::new(super::keys::op_info(op)))
     }
 
-    async fn export_batches(
+    async fn export_now(
         &self,
-        req: Request<pb::ExportBatchesRequest>,
+        caller: Caller,
+        _r: pb::ExportBatchesRequest,
     ) -> Result<Response<pb::ExportBatchesResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let (built, batches) = self
             .run(|e| {
@@ -427,11 +385,11 @@ impl pb::revocation_server::Revocation for RevocationService {
         }))
     }
 
-    async fn publish(
+    async fn publish_now(
         &self,
-        req: Request<pb::RunOutboxRequest>,
+        caller: Caller,
+        _r: pb::RunOutboxRequest,
     ) -> Result<Response<pb::RunOutboxResponse>, Status> {
-        let (caller, _permit) = self.admit(&req)?;
         officer_only(&caller)?;
         let r = self
             .engine
@@ -450,12 +408,11 @@ impl pb::revocation_server::Revocation for RevocationService {
         }))
     }
 
-    async fn get_list(
+    async fn get_list_now(
         &self,
-        req: Request<pb::GetListRequest>,
+        _caller: Caller,
+        r: pb::GetListRequest,
     ) -> Result<Response<pb::GetListResponse>, Status> {
-        let _admitted = self.admit_reader(&req)?;
-        let r = req.into_inner();
         let kid: [u8; 8] = r
             .kid
             .as_slice()
@@ -473,11 +430,11 @@ impl pb::revocation_server::Revocation for RevocationService {
         }))
     }
 
-    async fn status(
+    async fn status_now(
         &self,
-        req: Request<pb::StatusRequest>,
+        caller: Caller,
+        _r: pb::StatusRequest,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let (caller, _permit) = self.admit_reader(&req)?;
         if caller.config.role == Role::Issuer {
             return Err(error::permission_denied(
                 "only security officers and auditors may call this method",
@@ -528,5 +485,88 @@ impl pb::revocation_server::Revocation for RevocationService {
                 )
                 .collect(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::revocation_server::Revocation for RevocationService {
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.revoke_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn replace(
+        &self,
+        req: Request<pb::ReplaceRequest>,
+    ) -> Result<Response<pb::ReplaceResponse>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.replace_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn lift(
+        &self,
+        req: Request<pb::LiftRequest>,
+    ) -> Result<Response<pb::LiftResponse>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.lift_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn request_bulk_revocation(
+        &self,
+        req: Request<pb::BulkRevocationRequest>,
+    ) -> Result<Response<pb::Operation>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.bulk_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn export_batches(
+        &self,
+        req: Request<pb::ExportBatchesRequest>,
+    ) -> Result<Response<pb::ExportBatchesResponse>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.export_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn publish(
+        &self,
+        req: Request<pb::RunOutboxRequest>,
+    ) -> Result<Response<pb::RunOutboxResponse>, Status> {
+        self.call(req, Service::Revocation, |svc, caller, r| async move {
+            svc.publish_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn get_list(
+        &self,
+        req: Request<pb::GetListRequest>,
+    ) -> Result<Response<pb::GetListResponse>, Status> {
+        self.call(req, Service::RevocationRead, |svc, caller, r| async move {
+            svc.get_list_now(caller, r).await
+        })
+        .await
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.call(req, Service::RevocationRead, |svc, caller, r| async move {
+            svc.status_now(caller, r).await
+        })
+        .await
     }
 }
