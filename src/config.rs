@@ -415,8 +415,17 @@ pub struct ServerConfig {
     /// (`pkcs11:token=…;object=tls-server;type=private`, what `dev-init` writes), or a PEM
     /// (PKCS#8) file, mode 0600.
     pub key: TlsKey,
-    /// PEM bundle of CAs that client certificates must chain to.
+    /// PEM bundle of CAs that client certificates must chain to (read at start-up).
     pub client_ca: PathBuf,
+    /// CRLs of those CAs (PEM or DER files). With any, a client certificate a CRL lists fails
+    /// the handshake, and so does one whose CA has no CRL here or whose CRL is past its
+    /// `nextUpdate`: fail closed. Empty (the default): client certificates are not checked
+    /// for revocation. Read again when a file changes (`client_crl_check_seconds`).
+    #[serde(default)]
+    pub client_crls: Vec<PathBuf>,
+    /// How often the `client_crls` files are checked for changes, in seconds (default 30).
+    #[serde(default = "default_crl_check")]
+    pub client_crl_check_seconds: u64,
     /// Largest accepted request message (default 64 KiB).
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
@@ -537,6 +546,10 @@ fn default_listen() -> std::net::SocketAddr {
 fn default_metrics() -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
 }
+fn default_crl_check() -> u64 {
+    30
+}
+
 fn default_max_message() -> usize {
     64 * 1024
 }

@@ -738,6 +738,135 @@ fn startup_refusals_are_one_line_reasons() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// Client certificates on their CA's CRL are refused at the handshake, without a restart:
+/// `dev-init` writes an empty CRL that the configuration names, `dev-client-cert --revoke`
+/// re-issues it, and the daemon reads it again when the file changes. A CRL that goes bad
+/// later leaves the one in force; start-up refuses a CRL of another CA, or one past its
+/// `nextUpdate`.
+#[test]
+fn a_revoked_client_certificate_is_refused_without_a_restart() {
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace(
+            "client_crls = [",
+            "client_crl_check_seconds = 1\nclient_crls = [",
+        );
+    });
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    let works = |name: &str| -> bool {
+        rt().block_on(async {
+            match d.channel(name).await {
+                Ok(ch) => dccsign::api::client::issuance(ch)
+                    .get_signing_info(pb::GetSigningInfoRequest {})
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+    };
+    assert!(works("issuer-test"), "{}", d.log());
+    let out = d.dev.run(&[
+        "dev-client-cert",
+        "--state-dir",
+        &dir,
+        "--name",
+        "issuer-test",
+        "--revoke",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let crl = d.dev.file("pki/tls/clients-crl.pem");
+    // OpenSSL reads the CRL we made, signed by the CA key in the token, and finds the serial.
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::stderr(&out));
+        common::stdout(&out)
+    };
+    let ca = d.dev.file("pki/tls/ca.pem");
+    let text = openssl(&[
+        "crl",
+        "-in",
+        crl.to_str().unwrap(),
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-noout",
+        "-text",
+    ]);
+    let serial = openssl(&[
+        "x509",
+        "-in",
+        d.dev.file("pki/clients/issuer-test.pem").to_str().unwrap(),
+        "-noout",
+        "-serial",
+    ]);
+    let serial = serial.trim().trim_start_matches("serial=");
+    assert!(text.contains(serial), "{serial} not in\n{text}");
+    assert!(text.contains("X509v3 CRL Number"), "{text}");
+
+    // Within a few checks, new connections of issuer-test fail; issuer-all's do not.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while works("issuer-test") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still admitted:\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(works("issuer-all"), "{}", d.log());
+    let log = d.log();
+    assert!(log.contains("client CRLs read again"), "{log}");
+    assert!(log.contains("Revoked"), "{log}");
+
+    // A file that no longer parses: reported, and the CRL in force stays.
+    std::fs::write(&crl, "not a CRL").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !d.log().contains("client CRLs not reloaded") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!works("issuer-test"));
+    assert!(works("issuer-all"));
+
+    // Start-up: a CRL of another CA, and one past its nextUpdate, each in one line.
+    let serve = |dev: &Dev| {
+        let out = dev.run(
+            &dev.serve_args()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(out.status.code(), Some(1));
+        let err = common::stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    };
+    let dev = Dev::new();
+    std::fs::copy(
+        Dev::new().file("pki/tls/clients-crl.pem"),
+        dev.file("pki/tls/clients-crl.pem"),
+    )
+    .unwrap();
+    let err = serve(&dev);
+    assert!(err.contains("not signed by a CA in client_ca"), "{err}");
+    assert!(err.contains("clients-crl.pem"), "{err}");
+    let dev = Dev::new();
+    let out = dev.run(&[
+        "dev-client-cert",
+        "--state-dir",
+        dev.path().to_str().unwrap(),
+        "--name",
+        "issuer-test",
+        "--revoke",
+        "--hours",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let err = serve(&dev);
+    assert!(err.contains("past its nextUpdate"), "{err}");
+}
+
 /// `dev-init` generates the server's TLS key in the token and writes no key file: the daemon
 /// signs its handshakes with the token, cannot start without that key, and refuses a key that
 /// does not belong to its certificate. A PEM key file still works where a configuration names

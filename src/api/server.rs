@@ -6,6 +6,7 @@ use std::time::Duration;
 use tonic::transport::Server;
 
 use super::authz::Authorizer;
+use super::client_crl;
 use super::health;
 use super::issuance::IssuanceService;
 use super::limits::Limits;
@@ -43,7 +44,8 @@ pub enum ServeError {
     Server(String),
 }
 
-/// The server's TLS configuration, with its key in the token or in a PEM file.
+/// The server's TLS configuration, with its key in the token or in a PEM file; the client
+/// CRLs, if any, are watched for changes from here on.
 fn server_tls(
     cfg: &Config,
     server: &crate::config::ServerConfig,
@@ -51,6 +53,8 @@ fn server_tls(
 ) -> Result<rustls::ServerConfig, ServeError> {
     let cert = cfg.resolve(&server.certificate);
     let client_ca = cfg.resolve(&server.client_ca);
+    let crls = server.client_crls.iter().map(|p| cfg.resolve(p)).collect();
+    let verifier = Arc::new(tls::client_verifier(&client_ca, crls)?);
     let file;
     let key = match &server.key {
         TlsKey::Token(name) => tls::ServerKey::Token {
@@ -63,7 +67,12 @@ fn server_tls(
             tls::ServerKey::File(&file)
         }
     };
-    Ok(tls::server_config(&cert, key, &client_ca)?)
+    let config = tls::server_config(&cert, key, verifier.clone())?;
+    client_crl::watch(
+        verifier,
+        Duration::from_secs(server.client_crl_check_seconds),
+    );
+    Ok(config)
 }
 
 /// Registers for SIGTERM and SIGINT at once — so that a signal sent as soon as the daemon has

@@ -13,7 +13,6 @@ use std::time::Duration;
 use der::Decode;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -121,18 +120,26 @@ pub enum ServerKey<'a> {
     File(&'a Path),
 }
 
-/// The server's rustls configuration: the certificate chain in `cert`, its key, and the CAs
-/// client certificates must chain to. Fails when the certificate does not match the key.
+/// The verifier of client certificates: they must chain to a CA in the PEM bundle `client_ca`
+/// and, with `crls`, not be revoked (see [`super::client_crl`]).
+pub fn client_verifier(
+    client_ca: &Path,
+    crls: Vec<std::path::PathBuf>,
+) -> Result<super::client_crl::ClientVerifier, TlsSetupError> {
+    let cas = read_certs(client_ca)?;
+    let roots = root_store(client_ca)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    super::client_crl::ClientVerifier::new(roots, &cas, crls, provider)
+}
+
+/// The server's rustls configuration: the certificate chain in `cert`, its key, and the
+/// verifier of client certificates. Fails when the certificate does not match the key.
 pub fn server_config(
     cert: &Path,
     key: ServerKey<'_>,
-    client_ca: &Path,
+    verifier: Arc<super::client_crl::ClientVerifier>,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = root_store(client_ca)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
     let (signing_key, name): (Arc<dyn rustls::sign::SigningKey>, String) = match key {
         ServerKey::Token { key, name } => (Arc::new(key), name.to_string()),
         ServerKey::File(path) => (

@@ -131,7 +131,8 @@ enum Command {
         without_digital_signature: bool,
     },
     /// Development: issue another client certificate from the dev TLS CA (e.g. an expired one),
-    /// or with `--server` a server certificate for localhost.
+    /// with `--server` a server certificate for localhost, or with `--revoke` put a client's
+    /// certificate on the dev TLS CA's CRL.
     DevClientCert {
         /// State directory written by `dev-init`.
         #[arg(long)]
@@ -142,13 +143,18 @@ enum Command {
         /// Start of validity (RFC 3339), default now.
         #[arg(long)]
         not_before: Option<String>,
-        /// Validity in hours.
+        /// Validity in hours (with `--revoke`, the CRL's).
         #[arg(long, default_value_t = 24 * 365)]
         hours: u64,
         /// A server certificate for localhost instead (`pki/tls/<name>.{pem,key}`), e.g. for a
         /// stand-in of the EU gateway.
         #[arg(long)]
         server: bool,
+        /// Revoke client <name>'s certificate instead: re-issue the CRL
+        /// `pki/tls/clients-crl.pem` with it added (a running daemon reads the file again
+        /// within `client_crl_check_seconds`).
+        #[arg(long, conflicts_with_all = ["server", "not_before"])]
+        revoke: bool,
     },
 }
 
@@ -203,9 +209,30 @@ pub fn run() -> ExitCode {
         Command::DevClientCert {
             state_dir,
             name,
+            hours,
+            revoke: true,
+            ..
+        } => match dccsign::keys::dev_revoke_client(
+            &state_dir,
+            &name,
+            std::time::Duration::from_secs(hours * 3600),
+        ) {
+            Ok(crl) => {
+                println!("{}", crl.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DevClientCert {
+            state_dir,
+            name,
             not_before,
             hours,
             server,
+            ..
         } => dev_client_cert(&state_dir, &name, not_before.as_deref(), hours, server),
     }
 }

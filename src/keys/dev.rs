@@ -17,6 +17,7 @@ use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::Certificate;
 
 use super::certificate::{build_csca, build_dsc, build_leaf, to_pem, CertProfile};
+use super::crl::{crl_from_pem, crl_to_pem, issue_crl};
 use super::tls::{issue_tls_leaf, issue_tls_leaf_for_token_key, Leaf, TlsCa, TlsRole};
 use super::KeysError;
 use crate::dcc::CertType;
@@ -39,6 +40,10 @@ const TLS_CA_LABEL: &str = "dev-tls-ca";
 pub const TLS_SERVER_LABEL: &str = "tls-server";
 /// The client certificates `dev-init` creates: issuers and security officers.
 pub const DEV_CLIENTS: [&str; 4] = ["issuer-all", "issuer-test", "officer-1", "officer-2"];
+/// The development TLS CA's CRL of client certificates, which the development config names.
+const CLIENT_CRL: &str = "pki/tls/clients-crl.pem";
+/// How long a development CRL is valid (its nextUpdate): a year, like the certificates.
+const DEV_CRL_LIFETIME: Duration = Duration::from_secs(365 * DAY);
 const SOFTHSM_TEMPLATE: &str = include_str!("../../hsm-config/softhsm2.conf.template");
 const DAY: u64 = 86_400;
 
@@ -63,6 +68,12 @@ fn write_new(path: &Path, contents: &str) -> Result<bool, KeysError> {
     if path.exists() {
         return Ok(false);
     }
+    replace_file(path, contents)?;
+    Ok(true)
+}
+
+/// Writes `path` whole or not at all: a temporary file, synced, renamed over it.
+fn replace_file(path: &Path, contents: &str) -> Result<(), KeysError> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
@@ -70,8 +81,7 @@ fn write_new(path: &Path, contents: &str) -> Result<bool, KeysError> {
         f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
     }
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(true)
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 fn mkdir_private(path: &Path) -> Result<(), KeysError> {
@@ -204,6 +214,42 @@ pub fn dev_tls_cert(
         lifetime,
     };
     issue_tls_leaf(ca, &dir, leaf)
+}
+
+/// Revokes the development client certificate `<state>/pki/clients/<name>.pem`: the
+/// development TLS CA re-issues its CRL (`pki/tls/clients-crl.pem`) with the certificate's
+/// serial added, valid for `lifetime` (its `nextUpdate`), and a running daemon reads it again
+/// within `client_crl_check_seconds`. Returns the CRL's path. Exports `SOFTHSM2_CONF`, like
+/// [`dev_tls_cert`].
+pub fn dev_revoke_client(
+    state_dir: &Path,
+    name: &str,
+    lifetime: Duration,
+) -> Result<PathBuf, KeysError> {
+    let token = open_dev_token(state_dir)?;
+    let ca_key = token.find_key(TLS_CA_LABEL)?;
+    let ca_cert = load_cert(&state_dir.join("pki/tls/ca.pem"))?;
+    let cert = load_cert(&state_dir.join(format!("pki/clients/{name}.pem")))?;
+    let path = state_dir.join(CLIENT_CRL);
+    let previous = match std::fs::read(&path) {
+        Ok(pem) => Some(crl_from_pem(&pem)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let ca = TlsCa {
+        token: &token,
+        key: &ca_key,
+        cert: &ca_cert,
+    };
+    let crl = issue_crl(
+        ca,
+        previous.as_ref(),
+        Some(&cert),
+        SystemTime::now(),
+        lifetime,
+    )?;
+    replace_file(&path, &crl_to_pem(&crl)?)?;
+    Ok(path)
 }
 
 /// Development CSCA operator: checks a PKCS#10 request's own signature and certifies its key as
@@ -451,6 +497,13 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
         }
     }
 
+    let crl_path = state_dir.join(CLIENT_CRL);
+    if !crl_path.exists() {
+        let crl = issue_crl(ca, None, None, now, DEV_CRL_LIFETIME)?;
+        write_new(&crl_path, &crl_to_pem(&crl)?)?;
+        created.push(format!("client CRL {}", crl_path.display()));
+    }
+
     let config = state_dir.join("dccsign.toml");
     if write_new(&config, &dev_config(country))? {
         created.push(format!("config {}", config.display()));
@@ -544,6 +597,9 @@ certificate = "pki/tls/server.pem"
 key = "pkcs11:token={DEV_TOKEN_LABEL};object={TLS_SERVER_LABEL};type=private"
 # Client certificates must chain to this CA; the identity is their URI (or DNS) SAN.
 client_ca = "pki/tls/ca.pem"
+# ...and must not be on its CRL (dccsign dev-client-cert --revoke adds one); read again
+# when the file changes.
+client_crls = ["{CLIENT_CRL}"]
 max_message_bytes = 65536
 max_batch_bytes = 1048576
 max_in_flight_per_client = 256

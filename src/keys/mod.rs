@@ -6,6 +6,7 @@
 
 mod ceremony;
 mod certificate;
+mod crl;
 mod dev;
 mod dsc;
 mod publish;
@@ -16,9 +17,10 @@ pub use ceremony::{
     Csca, KeyManager, KeyOpError, KeySettings, ManagedKey, Operation, OperationExecutor,
 };
 pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
+pub use crl::{crl_from_pem, crl_lists, crl_to_pem, issue_crl};
 pub use dev::{
-    dev_client_cert, dev_init, dev_sign_csr, dev_tls_cert, DevInitReport, DEV_CLIENTS,
-    DEV_TOKEN_LABEL,
+    dev_client_cert, dev_init, dev_revoke_client, dev_sign_csr, dev_tls_cert, DevInitReport,
+    DEV_CLIENTS, DEV_TOKEN_LABEL,
 };
 pub use dsc::{ActiveDsc, Dsc, DscSet, SignerSwitch};
 pub use publish::signed_data;

@@ -1,0 +1,345 @@
+//! Revocation of client certificates: the client-certificate verifier of the daemon's mutual
+//! TLS, with the CRLs of `[server] client_crls`.
+//!
+//! - Each handshake checks the client's (end-entity) certificate against the CRLs with
+//!   rustls/webpki. A certificate a CRL lists fails the handshake; so does one whose CA has no
+//!   CRL among them (its status is unknown), and one whose CA's CRL is past its `nextUpdate`.
+//!   Fail closed: a revocation check that cannot be made refuses, as a CA-grade service must.
+//! - The files are read again when they change (modification time or size, checked every
+//!   `client_crl_check_seconds`), so a certificate revoked by the PKI is refused on the next
+//!   handshake without a restart. Connections already open stay open until they close.
+//! - Start-up refuses a CRL file that does not parse, that no CA in `client_ca` signed, or
+//!   that is already past its `nextUpdate`, in one line. Later, such a file is logged and
+//!   counted (`dccsign_tls_client_crl_reload_failures_total`) and the CRLs in force stay.
+//! - `dccsign_tls_client_crl_next_update_seconds` (Unix time) is the earliest `nextUpdate` in
+//!   force: alert well before it.
+//! - Without CRLs, the verifier is webpki's, unchanged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use der::{Decode, Encode, Reader};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use super::tls::TlsSetupError;
+
+/// What the CRL files held when they were read.
+struct Loaded {
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    /// The earliest `nextUpdate`.
+    next_update: Option<SystemTime>,
+    /// Revoked certificates listed, over all CRLs.
+    revoked: usize,
+}
+
+/// A file's identity for change detection: modification time and size.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// A CA of `client_ca`, as far as its CRLs are concerned.
+struct CaKey {
+    /// DER of its subject, which a CRL names as its issuer.
+    subject: Vec<u8>,
+    /// Its public key's algorithm (the AlgorithmIdentifier's contents) and key bits.
+    key_alg: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// The contents of a DER TLV (without its tag and length).
+fn contents(tlv: &[u8]) -> der::Result<&[u8]> {
+    let mut r = der::SliceReader::new(tlv)?;
+    let header = der::Header::decode(&mut r)?;
+    r.read_slice(header.length)
+}
+
+/// The DER of a CRL's `tbsCertList` as it was signed.
+fn tbs_bytes(crl: &[u8]) -> der::Result<&[u8]> {
+    let mut r = der::SliceReader::new(contents(crl)?)?;
+    r.tlv_bytes()
+}
+
+/// What a verifier is built from.
+struct Sources {
+    roots: Arc<RootCertStore>,
+    /// The CAs in `client_ca`: a CRL must come from one of them, signed by its key.
+    cas: Vec<CaKey>,
+    provider: Arc<CryptoProvider>,
+    crl_paths: Vec<PathBuf>,
+}
+
+/// The client-certificate verifier: webpki's, rebuilt when the CRL files change.
+pub struct ClientVerifier {
+    sources: Sources,
+    /// The CA names offered to clients (fixed: the CA bundle is read at start-up only).
+    hints: Vec<DistinguishedName>,
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+    stamps: Mutex<Vec<Stamp>>,
+}
+
+impl std::fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientVerifier")
+            .field("crl_paths", &self.sources.crl_paths)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A time as RFC 3339, for messages.
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
+}
+
+impl ClientVerifier {
+    /// A verifier for client certificates chaining to `roots` (whose certificates are
+    /// `ca_certs`), checked against the CRLs in `crl_paths` (none: no revocation check).
+    pub fn new(
+        roots: RootCertStore,
+        ca_certs: &[CertificateDer<'static>],
+        crl_paths: Vec<PathBuf>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<ClientVerifier, TlsSetupError> {
+        let cas = ca_certs
+            .iter()
+            .map(|c| {
+                let e = |e: der::Error| TlsSetupError(format!("client CA: {e}"));
+                let cert = x509_cert::Certificate::from_der(c.as_ref()).map_err(e)?;
+                let spki = &cert.tbs_certificate.subject_public_key_info;
+                Ok(CaKey {
+                    subject: cert.tbs_certificate.subject.to_der().map_err(e)?,
+                    key_alg: contents(&spki.algorithm.to_der().map_err(e)?)
+                        .map_err(e)?
+                        .to_vec(),
+                    key: spki.subject_public_key.raw_bytes().to_vec(),
+                })
+            })
+            .collect::<Result<_, TlsSetupError>>()?;
+        let stamps = crl_paths.iter().map(|p| stamp(p)).collect();
+        let sources = Sources {
+            roots: Arc::new(roots),
+            cas,
+            provider,
+            crl_paths,
+        };
+        let built = sources.build(sources.read_crls(SystemTime::now())?)?;
+        Ok(ClientVerifier {
+            hints: built.root_hint_subjects().to_vec(),
+            current: RwLock::new(built),
+            sources,
+            stamps: Mutex::new(stamps),
+        })
+    }
+
+    /// Whether CRLs are configured at all.
+    pub fn checks_revocation(&self) -> bool {
+        !self.sources.crl_paths.is_empty()
+    }
+
+    /// Reads the CRLs again if a file changed since the last look; returns whether the CRLs in
+    /// force changed. On an error, those in force stay.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsSetupError> {
+        let now_stamps: Vec<Stamp> = self.sources.crl_paths.iter().map(|p| stamp(p)).collect();
+        {
+            let mut seen = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == now_stamps {
+                return Ok(false);
+            }
+            // Looked at once per change: a bad file is reported once, not every interval.
+            *seen = now_stamps;
+        }
+        let built = self
+            .sources
+            .build(self.sources.read_crls(SystemTime::now())?)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = built;
+        Ok(true)
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Sources {
+    /// Reads every CRL file and checks what start-up (and each reload) requires of it.
+    fn read_crls(&self, now: SystemTime) -> Result<Loaded, TlsSetupError> {
+        let mut loaded = Loaded {
+            crls: Vec::new(),
+            next_update: None,
+            revoked: 0,
+        };
+        for path in &self.crl_paths {
+            let e = |m: String| TlsSetupError(format!("client CRL {}: {m}", path.display()));
+            let bytes = std::fs::read(path).map_err(|x| e(x.to_string()))?;
+            let ders: Vec<CertificateRevocationListDer<'static>> =
+                if bytes.starts_with(b"-----BEGIN") {
+                    CertificateRevocationListDer::pem_slice_iter(&bytes)
+                        .collect::<Result<_, _>>()
+                        .map_err(|x| e(x.to_string()))?
+                } else {
+                    vec![CertificateRevocationListDer::from(bytes)]
+                };
+            if ders.is_empty() {
+                return Err(e("no CRL in the file".into()));
+            }
+            for der in ders {
+                let crl = x509_cert::crl::CertificateList::from_der(der.as_ref())
+                    .map_err(|x| e(format!("not a CRL: {x}")))?;
+                let tbs = &crl.tbs_cert_list;
+                if !self.signed_by_a_ca(der.as_ref(), &crl)? {
+                    return Err(e(format!(
+                        "not signed by a CA in client_ca (its issuer: {})",
+                        tbs.issuer
+                    )));
+                }
+                let next = tbs
+                    .next_update
+                    .ok_or_else(|| e("has no nextUpdate".into()))?
+                    .to_system_time();
+                if next <= now {
+                    return Err(e(format!(
+                        "past its nextUpdate ({}): every client of its CA would be refused; \
+                         install a fresh CRL",
+                        rfc3339(next)
+                    )));
+                }
+                loaded.next_update = Some(loaded.next_update.map_or(next, |n| n.min(next)));
+                loaded.revoked += tbs.revoked_certificates.as_ref().map_or(0, Vec::len);
+                loaded.crls.push(der);
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Whether a CA of `client_ca` named as the CRL's issuer signed it (with an algorithm of
+    /// the crypto provider's).
+    fn signed_by_a_ca(
+        &self,
+        der: &[u8],
+        crl: &x509_cert::crl::CertificateList,
+    ) -> Result<bool, TlsSetupError> {
+        let e = |x: der::Error| TlsSetupError(format!("client CRL: {x}"));
+        let issuer = crl.tbs_cert_list.issuer.to_der().map_err(e)?;
+        let sig_alg = crl.signature_algorithm.to_der().map_err(e)?;
+        let sig_alg = contents(&sig_alg).map_err(e)?;
+        let tbs = tbs_bytes(der).map_err(e)?;
+        let signature = crl.signature.raw_bytes();
+        let algs = self.provider.signature_verification_algorithms.all;
+        Ok(self.cas.iter().filter(|ca| ca.subject == issuer).any(|ca| {
+            algs.iter().any(|alg| {
+                alg.public_key_alg_id().as_ref() == ca.key_alg.as_slice()
+                    && alg.signature_alg_id().as_ref() == sig_alg
+                    && alg.verify_signature(&ca.key, tbs, signature).is_ok()
+            })
+        }))
+    }
+
+    /// webpki's verifier over the roots with `loaded`'s CRLs; records what is in force.
+    fn build(&self, loaded: Loaded) -> Result<Arc<dyn ClientCertVerifier>, TlsSetupError> {
+        let mut b =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
+        if !loaded.crls.is_empty() {
+            b = b
+                .with_crls(loaded.crls)
+                .only_check_end_entity_revocation()
+                .enforce_revocation_expiration();
+        }
+        let v = b
+            .build()
+            .map_err(|e| TlsSetupError(format!("client verifier: {e}")))?;
+        if let Some(next) = loaded.next_update {
+            let secs = next
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            metrics::gauge!("dccsign_tls_client_crl_next_update_seconds").set(secs);
+            tracing::info!(
+                files = self.crl_paths.len(),
+                revoked = loaded.revoked,
+                next_update = %rfc3339(next),
+                "client CRLs in force"
+            );
+        }
+        Ok(v)
+    }
+}
+
+/// Checks the CRL files every `every` on the blocking pool, for as long as `verifier` is used
+/// elsewhere; logs and counts what fails.
+pub fn watch(verifier: Arc<ClientVerifier>, every: Duration) {
+    if !verifier.checks_revocation() {
+        return;
+    }
+    let weak = Arc::downgrade(&verifier);
+    drop(verifier);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(v) = weak.upgrade() else { return };
+            let result = tokio::task::spawn_blocking(move || v.reload_if_changed()).await;
+            match result {
+                Ok(Ok(true)) => tracing::info!("client CRLs read again"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    metrics::counter!("dccsign_tls_client_crl_reload_failures_total").increment(1);
+                    tracing::error!(error = %e, "client CRLs not reloaded; those in force stay");
+                }
+                Err(e) => tracing::error!(error = %e, "client CRL reload task failed"),
+            }
+        }
+    });
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
