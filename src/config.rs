@@ -178,9 +178,10 @@ pub struct RevocationConfig {
     /// Our TLS client certificate (PEM) towards the gateway and subscribers.
     #[serde(default)]
     pub gateway_client_certificate: Option<PathBuf>,
-    /// Its private key (PEM, mode 0600).
+    /// Its private key: a P-256 key in the token by `pkcs11:` URI (the HSM signs each
+    /// handshake), or a PEM (PKCS#8) file, mode 0600.
     #[serde(default)]
-    pub gateway_client_key: Option<PathBuf>,
+    pub gateway_client_key: Option<TlsKey>,
     /// P-256 key in the token (label or `pkcs11:` URI) that signs batches as CMS (the upload key).
     #[serde(default)]
     pub upload_key: Option<String>,
@@ -463,7 +464,8 @@ pub struct ServerConfig {
     pub async_workers: usize,
 }
 
-/// Where the daemon's TLS private key is.
+/// Where a TLS private key of the daemon is (its server key, its client key towards the EU
+/// gateway).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum TlsKey {

@@ -299,11 +299,15 @@ fn an_independent_pkcs11_client_sees_sign_only_non_extractable_keys() {
         );
     }
     assert_eq!(
-        keys, 9,
-        "expected CSCA, TLS CA, TLS server key, audit key, revocation-list key, upload key and \
-         3 DSC keys:\n{listing}"
+        keys, 10,
+        "expected CSCA, TLS CA, TLS server and gateway-client keys, audit key, revocation-list \
+         key, upload key and 3 DSC keys:\n{listing}"
     );
     assert!(listing.contains("label:      tls-server"), "{listing}");
+    assert!(
+        listing.contains("label:      tls-gateway-client"),
+        "{listing}"
+    );
     // The HMAC key for UVCIs: a secret key that never leaves the token either.
     let listing = dev.pkcs11_objects("secrkey");
     assert!(listing.contains("uvci-hmac"), "{listing}");

@@ -741,8 +741,8 @@ fn bulk_revocation_needs_a_second_officer() {
 fn with_gateway(cfg: &mut String, url: &str) {
     let keys = format!(
         "[revocation]\ngateway_url = \"{url}\"\ngateway_ca = \"pki/tls/ca.pem\"\n\
-         gateway_client_certificate = \"pki/clients/issuer-all.pem\"\n\
-         gateway_client_key = \"pki/clients/issuer-all.key\"\n\
+         gateway_client_certificate = \"pki/tls/gateway-client.pem\"\n\
+         gateway_client_key = \"pkcs11:token=dccsign-dev;object=tls-gateway-client;type=private\"\n\
          retry = \"30#1:s\"\noutbox_interval_seconds = 3600\n"
     );
     assert!(
@@ -753,6 +753,31 @@ fn with_gateway(cfg: &mut String, url: &str) {
     cfg.push_str(&format!(
         "\n[[revocation.subscriber]]\nname = \"webcert\"\nurl = \"{url}/events\"\n"
     ));
+}
+
+/// The client key towards the gateway is in the token (`with_gateway` uses it, so every
+/// delivery test signs its handshakes there); start-up refuses a certificate that is not the
+/// key's, in one line.
+#[test]
+fn a_gateway_client_certificate_must_belong_to_its_token_key() {
+    let dev = common::Dev::new();
+    let mut cfg = std::fs::read_to_string(dev.file("dccsign.toml")).unwrap();
+    with_gateway(&mut cfg, "https://127.0.0.1:9");
+    let cfg = cfg.replace("pki/tls/gateway-client.pem", "pki/clients/issuer-all.pem");
+    std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
+    let out = dev.run(
+        &dev.serve_args()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("issuer-all.pem does not belong to key pkcs11:"),
+        "{err}"
+    );
 }
 
 fn publish(d: &Daemon) -> String {

@@ -19,6 +19,5 @@ pub mod refusals;
 pub mod revocation;
 pub mod server;
 pub mod tls;
-pub mod tls_key;
 
 pub use server::{serve, ServeError};

@@ -13,9 +13,8 @@ use super::limits::Limits;
 use super::pb;
 use super::refusals::LogRefusals;
 use super::tls;
-use super::tls_key::TokenTlsKey;
 use crate::config::{Config, TlsKey};
-use crate::hsm::Token;
+use crate::hsm::{TlsPrivateKey, Token, TokenTlsKey};
 use crate::issuance::{Issuer, IssuerSettings};
 use crate::keys::DscSet;
 use crate::ledger::SqliteLedger;
@@ -57,14 +56,14 @@ fn server_tls(
     let verifier = Arc::new(tls::client_verifier(&client_ca, crls)?);
     let file;
     let key = match &server.key {
-        TlsKey::Token(name) => tls::ServerKey::Token {
+        TlsKey::Token(name) => TlsPrivateKey::Token {
             key: TokenTlsKey::open(token.clone(), name)
                 .map_err(|e| ServeError::Config(format!("server.key {name}: {e}")))?,
             name,
         },
         TlsKey::File(p) => {
             file = cfg.resolve(p);
-            tls::ServerKey::File(&file)
+            TlsPrivateKey::File(&file)
         }
     };
     let config = tls::server_config(&cert, key, verifier.clone())?;

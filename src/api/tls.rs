@@ -23,6 +23,7 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 
 use super::cork::Cork;
+use crate::hsm::TlsPrivateKey;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -106,20 +107,6 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Where the server's private key is, for [`server_config`].
-#[derive(Debug)]
-pub enum ServerKey<'a> {
-    /// In the token (see [`super::tls_key`]); `name` says which key in errors.
-    Token {
-        /// The key.
-        key: super::tls_key::TokenTlsKey,
-        /// Its URI or label as configured.
-        name: &'a str,
-    },
-    /// A PEM (PKCS#8) file.
-    File(&'a Path),
-}
-
 /// The verifier of client certificates: they must chain to a CA in the PEM bundle `client_ca`
 /// and, with `crls`, not be revoked (see [`super::client_crl`]).
 pub fn client_verifier(
@@ -136,27 +123,13 @@ pub fn client_verifier(
 /// verifier of client certificates. Fails when the certificate does not match the key.
 pub fn server_config(
     cert: &Path,
-    key: ServerKey<'_>,
+    key: TlsPrivateKey<'_>,
     verifier: Arc<super::client_crl::ClientVerifier>,
 ) -> Result<rustls::ServerConfig, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (signing_key, name): (Arc<dyn rustls::sign::SigningKey>, String) = match key {
-        ServerKey::Token { key, name } => (Arc::new(key), name.to_string()),
-        ServerKey::File(path) => (
-            provider
-                .key_provider
-                .load_private_key(read_key(path)?)
-                .map_err(|e| TlsSetupError(format!("{}: {e}", path.display())))?,
-            path.display().to_string(),
-        ),
-    };
-    let certified = rustls::sign::CertifiedKey::new(read_certs(cert)?, signing_key);
-    certified.keys_match().map_err(|e| {
-        TlsSetupError(format!(
-            "server certificate {} does not belong to key {name}: {e}",
-            cert.display()
-        ))
-    })?;
+    let certified = key
+        .certified(read_certs(cert)?, cert, &provider)
+        .map_err(|e| TlsSetupError(format!("server {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsSetupError(e.to_string()))?

@@ -17,6 +17,7 @@ mod error;
 mod pin;
 mod pool;
 mod signer;
+mod tls_key;
 mod token;
 mod uri;
 
@@ -25,6 +26,7 @@ pub(crate) use pin::write_private_file;
 pub use pin::{load_pin, PinSource};
 pub use pool::{QueueSlot, SignReply, SigningPool};
 pub use signer::TokenSigner;
+pub use tls_key::{TlsPrivateKey, TokenTlsKey};
 pub use token::{KeyHandle, SecretKeyHandle, Token, TokenSettings};
 pub use uri::KeyUri;
 

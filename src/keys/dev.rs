@@ -38,6 +38,10 @@ const UPLOAD_KEY_LABEL: &str = "upload-key";
 const TLS_CA_LABEL: &str = "dev-tls-ca";
 /// Label of the daemon's TLS server key.
 pub const TLS_SERVER_LABEL: &str = "tls-server";
+/// Label of the daemon's TLS client key towards the EU gateway and subscribers.
+pub const TLS_GATEWAY_CLIENT_LABEL: &str = "tls-gateway-client";
+/// Its certificate, a development client certificate (`spiffe://dccsign.dev/gateway-client`).
+const GATEWAY_CLIENT_CERT: &str = "pki/tls/gateway-client.pem";
 /// The client certificates `dev-init` creates: issuers and security officers.
 pub const DEV_CLIENTS: [&str; 4] = ["issuer-all", "issuer-test", "officer-1", "officer-2"];
 /// The development TLS CA's CRL of client certificates, which the development config names.
@@ -484,6 +488,13 @@ pub fn dev_init(state_dir: &Path, country: &str) -> Result<DevInitReport, KeysEr
         }
         created.push(format!("TLS server certificate {}", server_pem.display()));
     }
+    // The client key towards the EU gateway (a stand-in in development), in the token too.
+    let gateway_key = ensure_key(&token, TLS_GATEWAY_CLIENT_LABEL, &mut created)?;
+    let gateway_pem = state_dir.join(GATEWAY_CLIENT_CERT);
+    if !gateway_pem.exists() {
+        issue_tls_leaf_for_token_key(ca, &tls_dir, leaf("gateway-client"), &gateway_key)?;
+        created.push(format!("TLS client certificate {}", gateway_pem.display()));
+    }
     let clients = pki.join("clients");
     for name in DEV_CLIENTS {
         if !clients.join(format!("{name}.pem")).exists()
@@ -564,10 +575,11 @@ environment = "test"
 # gateway_url = "https://dgcg.example.eu"
 # CA certificates (PEM) that the gateway's server certificate chains to.
 # gateway_ca = "pki/gateway-ca.pem"
-# Our TLS client certificate (PEM) towards the gateway, as registered there.
-# gateway_client_certificate = "pki/gateway-client.pem"
-# Its private key (PEM, mode 0600).
-# gateway_client_key = "secrets/gateway-client.key"
+# Our TLS client certificate (PEM) towards the gateway, as registered there (dev-init's is
+# from the development TLS CA).
+# gateway_client_certificate = "{GATEWAY_CLIENT_CERT}"
+# Its private key: in the token (the HSM signs each handshake), or a PEM file (mode 0600).
+# gateway_client_key = "pkcs11:token={DEV_TOKEN_LABEL};object={TLS_GATEWAY_CLIENT_LABEL};type=private"
 # Key in the token that signs batches (CMS), and its certificate embedded in each CMS.
 upload_key = "{UPLOAD_KEY_LABEL}"
 upload_certificate = "pki/upload.pem"

@@ -3,7 +3,7 @@
 //! the daemon authorises (`spiffe://dccsign.dev/<name>`).
 //!
 //! The server's key is generated in the token, like the CA's, and the daemon signs its
-//! handshakes there (`src/api/tls_key.rs`). Client keys are generated in software and written
+//! handshakes there (`src/hsm/tls_key.rs`). Client keys are generated in software and written
 //! as mode-0600 PKCS#8 files: the TLS clients (other programs: front-ends, the load generator,
 //! grpcurl) need them as files.
 

@@ -15,8 +15,8 @@ use super::gateway::{DeliveryError, Gateway, HttpsClient};
 use super::list;
 use super::schedule::RetrySchedule;
 use super::store::{OutboxRow, RevocationStore, StoreError};
-use crate::config::Config;
-use crate::hsm::{KeyHandle, KeyUri, Token};
+use crate::config::{Config, TlsKey};
+use crate::hsm::{KeyHandle, KeyUri, TlsPrivateKey, Token, TokenTlsKey};
 
 /// The two-person operation kind of a bulk revocation (approved through the key manager).
 pub const BULK_OPERATION: &str = "revocation.bulk";
@@ -187,15 +187,32 @@ impl RevocationEngine {
             &r.gateway_client_certificate,
             &r.gateway_client_key,
         ) {
-            (Some(ca), Some(cert), Some(key)) => Some(
-                HttpsClient::new(
-                    &cfg.resolve(ca),
-                    &cfg.resolve(cert),
-                    &cfg.resolve(key),
-                    std::time::Duration::from_secs(r.request_timeout_seconds.max(1)),
+            (Some(ca), Some(cert), Some(key)) => {
+                let file;
+                let key = match key {
+                    TlsKey::Token(name) => TlsPrivateKey::Token {
+                        key: TokenTlsKey::open(token.clone(), name).map_err(|e| {
+                            EngineError::Config(format!(
+                                "revocation.gateway_client_key {name}: {e}"
+                            ))
+                        })?,
+                        name,
+                    },
+                    TlsKey::File(p) => {
+                        file = cfg.resolve(p);
+                        TlsPrivateKey::File(&file)
+                    }
+                };
+                Some(
+                    HttpsClient::with_key(
+                        &cfg.resolve(ca),
+                        &cfg.resolve(cert),
+                        key,
+                        std::time::Duration::from_secs(r.request_timeout_seconds.max(1)),
+                    )
+                    .map_err(|e| EngineError::Config(format!("revocation gateway TLS: {e}")))?,
                 )
-                .map_err(|e| EngineError::Config(format!("revocation gateway TLS: {e}")))?,
-            ),
+            }
             (None, None, None) => None,
             _ => {
                 return Err(EngineError::Config(

@@ -23,11 +23,13 @@ use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use crate::hsm::TlsPrivateKey;
 
 /// Bodies quoted in errors are cut to this many bytes.
 pub const ERROR_BODY_LIMIT: usize = 512;
@@ -222,26 +224,35 @@ impl HttpsClient {
         client_key_pem: &Path,
         timeout: Duration,
     ) -> Result<Self, DeliveryError> {
+        Self::with_key(
+            ca_pem,
+            client_cert_pem,
+            TlsPrivateKey::File(client_key_pem),
+            timeout,
+        )
+    }
+
+    /// [`HttpsClient::new`] with the client key in the token (the HSM signs each handshake)
+    /// or in a PEM file.
+    pub fn with_key(
+        ca_pem: &Path,
+        client_cert_pem: &Path,
+        client_key: TlsPrivateKey<'_>,
+        timeout: Duration,
+    ) -> Result<Self, DeliveryError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for ca in read_certs(ca_pem)? {
             roots.add(ca).map_err(|e| config_file(ca_pem, e))?;
         }
-        let certs = read_certs(client_cert_pem)?;
-        let key = PrivateKeyDer::from_pem_file(client_key_pem)
-            .map_err(|e| config_file(client_key_pem, e))?;
+        let certified = client_key
+            .certified(read_certs(client_cert_pem)?, client_cert_pem, &provider)
+            .map_err(|e| DeliveryError::Config(format!("client {e}")))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| DeliveryError::Config(format!("TLS: {e}")))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| {
-                DeliveryError::Config(format!(
-                    "{} with {}: {e}",
-                    client_cert_pem.display(),
-                    client_key_pem.display()
-                ))
-            })?;
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(HttpsClient {
             tls: TlsConnector::from(Arc::new(config)),

@@ -1,5 +1,6 @@
-//! The daemon's TLS key in the token: a rustls [`SigningKey`] whose handshake signatures the
-//! HSM makes, so the server's private key is never in a file or in this process.
+//! A TLS key in the token: a rustls [`SigningKey`] whose handshake signatures the HSM makes, so
+//! the private key is never in a file or in this process. The daemon's server key is one; the
+//! client key it presents to the EU gateway and to subscribers can be another.
 //!
 //! rustls asks for a signature synchronously, in the middle of a handshake on the async
 //! runtime. PKCS#11 calls never run there (see `src/hsm`): the signature is made by a signing
@@ -10,22 +11,72 @@
 //!
 //! Only ECDSA P-256 with SHA-256 (`ecdsa_secp256r1_sha256`), which every TLS 1.3 client offers.
 
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use p256::pkcs8::EncodePublicKey;
-use rustls::pki_types::SubjectPublicKeyInfoDer;
-use rustls::sign::{Signer, SigningKey};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, SubjectPublicKeyInfoDer};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use crate::hsm::{HsmError, KeyHandle, KeyUri, SigningPool, Token};
+use super::{HsmError, KeyHandle, KeyUri, SigningPool, Token};
 
 /// Handshakes waiting for the TLS signing worker before new ones are refused.
 const QUEUE: usize = 64;
 
-/// The server's TLS key in the token.
+/// A TLS key in the token.
 #[derive(Debug, Clone)]
 pub struct TokenTlsKey(Arc<Inner>);
+
+/// Where a TLS private key is.
+#[derive(Debug)]
+pub enum TlsPrivateKey<'a> {
+    /// In the token; `name` says which key in errors.
+    Token {
+        /// The key.
+        key: TokenTlsKey,
+        /// Its URI or label as configured.
+        name: &'a str,
+    },
+    /// A PEM (PKCS#8) file: the key is then in this process's memory too.
+    File(&'a Path),
+}
+
+impl TlsPrivateKey<'_> {
+    /// The certificate chain `certs` (read from `cert_path`, leaf first) with this key, as
+    /// rustls presents them. Fails, naming the file and the key, when the key cannot be read
+    /// or the certificate does not belong to it.
+    pub fn certified(
+        self,
+        certs: Vec<CertificateDer<'static>>,
+        cert_path: &Path,
+        provider: &CryptoProvider,
+    ) -> Result<CertifiedKey, String> {
+        let (signing_key, name): (Arc<dyn SigningKey>, String) = match self {
+            TlsPrivateKey::Token { key, name } => (Arc::new(key), name.to_string()),
+            TlsPrivateKey::File(path) => {
+                let e = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+                let der = PrivateKeyDer::from_pem_file(path).map_err(|x| e(&x))?;
+                let key = provider
+                    .key_provider
+                    .load_private_key(der)
+                    .map_err(|x| e(&x))?;
+                (key, path.display().to_string())
+            }
+        };
+        let certified = CertifiedKey::new(certs, signing_key);
+        certified.keys_match().map_err(|e| {
+            format!(
+                "certificate {} does not belong to key {name}: {e}",
+                cert_path.display()
+            )
+        })?;
+        Ok(certified)
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -82,7 +133,7 @@ impl Inner {
                 let fresh = self.token.find_key(&key.label).map_err(|_| first)?;
                 if fresh.public_key != key.public_key {
                     return Err(HsmError::Malformed(format!(
-                        "key {} no longer matches the server certificate",
+                        "key {} no longer matches its certificate",
                         key.label
                     )));
                 }
