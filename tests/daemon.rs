@@ -1292,10 +1292,12 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        threads.iter().any(|n| n.starts_with("metrics-export")),
-        "no exporter thread among {threads:?}"
-    );
+    for thread in ["metrics-export", "hsm-worker-0", "tls-server-0"] {
+        assert!(
+            threads.iter().any(|n| n.starts_with(thread)),
+            "no {thread} thread among {threads:?}"
+        );
+    }
     for needle in [
         "dccsign_certificates_signed_total{type=\"vaccination\"",
         "client=\"spiffe://dccsign.dev/issuer-all\"",
@@ -1308,8 +1310,10 @@ fn prometheus_metrics_cover_signing_rejections_and_the_hsm() {
         "dccsign_ledger_group_size_bucket{le=\"512\"}",
         // The signed certificate's UVCI hash, held by the writer until a merge.
         "dccsign_ledger_uci_recent 1",
-        "dccsign_hsm_queue_depth",
-        "dccsign_hsm_sessions_busy",
+        // The issuing pool and the server key's pool, apart.
+        "dccsign_hsm_queue_depth{pool=\"hsm-worker\"}",
+        "dccsign_hsm_sessions_busy{pool=\"hsm-worker\"}",
+        "dccsign_hsm_sessions_busy{pool=\"tls-server\"}",
     ] {
         assert!(
             text.contains(needle),

@@ -57,7 +57,7 @@ fn server_tls(
     let file;
     let key = match &server.key {
         TlsKey::Token(name) => TlsPrivateKey::Token {
-            key: TokenTlsKey::open(token.clone(), name)
+            key: TokenTlsKey::open(token.clone(), name, "tls-server")
                 .map_err(|e| ServeError::Config(format!("server.key {name}: {e}")))?,
             name,
         },

@@ -62,6 +62,8 @@ pub struct SigningPool {
     tx: Option<Sender<Job>>,
     slots: Arc<Semaphore>,
     workers: Vec<JoinHandle<()>>,
+    /// `dccsign_hsm_queue_depth{pool=<name>}`.
+    queue_depth: metrics::Gauge,
 }
 
 impl std::fmt::Debug for SigningPool {
@@ -73,13 +75,13 @@ impl std::fmt::Debug for SigningPool {
 }
 
 impl SigningPool {
-    /// Starts `size` workers. With `copies`, they sign with session copies of the keys (see
-    /// [`super::copies`]); without, with the token objects themselves.
+    /// Starts `size` workers named `<name>-<i>`, whose gauges carry the label `pool=<name>`.
+    /// With `copies`, they sign with session copies of the keys (see [`super::copies`]);
+    /// without, with the token objects themselves.
     pub(crate) fn start(
         ctx: Pkcs11,
         slot: Slot,
-        size: usize,
-        queue: usize,
+        (name, size, queue): (&'static str, usize, usize),
         copies: Option<Arc<SessionCopies>>,
     ) -> Result<Self, HsmError> {
         let queue = queue.max(1);
@@ -91,9 +93,10 @@ impl SigningPool {
             let rx = rx.clone();
             let ctx = ctx.clone();
             let copies = copies.clone();
+            let busy = metrics::gauge!("dccsign_hsm_sessions_busy", "pool" => name);
             let handle = std::thread::Builder::new()
-                .name(format!("hsm-worker-{i}"))
-                .spawn(move || worker(ctx, slot, session, copies, rx))
+                .name(format!("{name}-{i}"))
+                .spawn(move || worker(ctx, slot, session, copies, rx, busy))
                 .map_err(|e| HsmError::Wrapper(format!("cannot start worker thread: {e}")))?;
             workers.push(handle);
         }
@@ -101,6 +104,7 @@ impl SigningPool {
             tx: Some(tx),
             slots: Arc::new(Semaphore::new(queue)),
             workers,
+            queue_depth: metrics::gauge!("dccsign_hsm_queue_depth", "pool" => name),
         })
     }
 
@@ -119,7 +123,7 @@ impl SigningPool {
         let Some(tx) = self.tx.as_ref() else {
             return Err(work);
         };
-        metrics::gauge!("dccsign_hsm_queue_depth").set(tx.len() as f64);
+        self.queue_depth.set(tx.len() as f64);
         // Never full: every queued job holds one of the `queue` permits.
         tx.try_send(Job { work, _slot: slot })
             .map_err(|e| e.into_inner().work)
@@ -271,9 +275,9 @@ fn worker(
     session: Session,
     copies: Option<Arc<SessionCopies>>,
     rx: crossbeam_channel::Receiver<Job>,
+    busy: metrics::Gauge,
 ) {
     let mut session = Some(session);
-    let busy = metrics::gauge!("dccsign_hsm_sessions_busy");
     for job in rx.iter() {
         busy.increment(1.0);
         if session.is_none() {

@@ -89,8 +89,9 @@ struct Inner {
 
 impl TokenTlsKey {
     /// The key named by `reference` (a `pkcs11:` URI on `token`, or a label), with a signing
-    /// worker of its own. Fails when the key is missing or is not P-256.
-    pub fn open(token: Arc<Token>, reference: &str) -> Result<Self, HsmError> {
+    /// worker of its own: thread `<pool>-0`, gauges `pool=<pool>`. Fails when the key is
+    /// missing or is not P-256.
+    pub fn open(token: Arc<Token>, reference: &str, pool: &'static str) -> Result<Self, HsmError> {
         let (label, id) = KeyUri::resolve(reference, token.label())?;
         let key = token.find_key(&label)?;
         if id.as_ref().is_some_and(|id| *id != key.id) {
@@ -103,7 +104,7 @@ impl TokenTlsKey {
             .to_public_key_der()
             .map_err(|e| HsmError::Malformed(format!("public key of {label}: {e}")))?
             .into_vec();
-        let pool = token.signing_pool(1, QUEUE)?;
+        let pool = token.named_signing_pool(pool, 1, QUEUE)?;
         Ok(TokenTlsKey(Arc::new(Inner {
             token,
             key: RwLock::new(key),

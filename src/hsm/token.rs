@@ -471,13 +471,25 @@ impl Token {
 
     /// Starts a signing pool of `size` sessions, each owned by a worker thread, fed by a queue
     /// bounded at `queue` jobs. It signs with session copies of the keys unless they are
-    /// switched off ([`Token::set_session_copies`]).
+    /// switched off ([`Token::set_session_copies`]). Its threads are `hsm-worker-<i>`, its
+    /// gauges `pool="hsm-worker"`: the issuing pool.
     pub fn signing_pool(&self, size: usize, queue: usize) -> Result<SigningPool, HsmError> {
+        self.named_signing_pool("hsm-worker", size, queue)
+    }
+
+    /// [`Token::signing_pool`] with threads `<name>-<i>` and gauges `pool=<name>`, for a pool
+    /// beside the issuing one (e.g. a TLS key's).
+    pub fn named_signing_pool(
+        &self,
+        name: &'static str,
+        size: usize,
+        queue: usize,
+    ) -> Result<SigningPool, HsmError> {
         let copies = self
             .session_copies
             .load(Ordering::Relaxed)
             .then(|| self.copies.clone());
-        self.start_pool(size, queue, copies)
+        self.start_pool((name, size, queue), copies)
     }
 
     /// A signing pool that always signs with the token objects themselves — the raw baseline of
@@ -487,17 +499,21 @@ impl Token {
         size: usize,
         queue: usize,
     ) -> Result<SigningPool, HsmError> {
-        self.start_pool(size, queue, None)
+        self.start_pool(("hsm-worker", size, queue), None)
     }
 
     fn start_pool(
         &self,
-        size: usize,
-        queue: usize,
+        (name, size, queue): (&'static str, usize, usize),
         copies: Option<Arc<SessionCopies>>,
     ) -> Result<SigningPool, HsmError> {
         let slot = *self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        SigningPool::start(self.ctx.clone(), slot, size.max(1), queue.max(1), copies)
+        SigningPool::start(
+            self.ctx.clone(),
+            slot,
+            (name, size.max(1), queue.max(1)),
+            copies,
+        )
     }
 }
 

@@ -191,7 +191,7 @@ impl RevocationEngine {
                 let file;
                 let key = match key {
                     TlsKey::Token(name) => TlsPrivateKey::Token {
-                        key: TokenTlsKey::open(token.clone(), name).map_err(|e| {
+                        key: TokenTlsKey::open(token.clone(), name, "tls-gateway").map_err(|e| {
                             EngineError::Config(format!(
                                 "revocation.gateway_client_key {name}: {e}"
                             ))
