@@ -867,6 +867,148 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
     assert!(err.contains("past its nextUpdate"), "{err}");
 }
 
+/// The production path for the server's TLS key: `tls-csr --generate` makes a key in the token
+/// and a certificate request signed there; another CA (OpenSSL here, standing in for the
+/// organisation's) certifies it; the daemon serves with that certificate and the key in the
+/// token, and a client trusting only that CA connects. Both steps are in the audit log.
+#[test]
+fn a_tls_key_made_in_the_token_is_certified_by_another_ca_and_served() {
+    let dev = Dev::new();
+    let dir = dev.path().to_str().unwrap().to_string();
+    let csr = dev.file("prod.csr");
+    let out = dev.run(&[
+        "tls-csr",
+        "--state-dir",
+        &dir,
+        "--key",
+        "tls-prod",
+        "--generate",
+        "--subject",
+        "CN=localhost,O=Example Agency,C=SE",
+        "--dns",
+        "localhost",
+        "--ip",
+        "127.0.0.1",
+        "--out",
+        csr.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    // A second --generate for the label is refused; a request for a missing key too.
+    let again = dev.run(&[
+        "tls-csr",
+        "--state-dir",
+        &dir,
+        "--key",
+        "tls-prod",
+        "--generate",
+        "--subject",
+        "CN=x",
+        "--dns",
+        "x",
+    ]);
+    assert!(!again.status.success());
+    assert!(common::stderr(&again).contains("exists already"));
+    let missing = dev.run(&[
+        "tls-csr",
+        "--state-dir",
+        &dir,
+        "--key",
+        "tls-none",
+        "--subject",
+        "CN=x",
+        "--dns",
+        "x",
+    ]);
+    assert!(common::stderr(&missing).contains("add --generate"));
+
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dev.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            common::stderr(&out)
+        );
+        common::stdout(&out)
+    };
+    let text = openssl(&["req", "-in", "prod.csr", "-verify", "-noout", "-text"]);
+    assert!(
+        text.contains("DNS:localhost, IP Address:127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    // The organisation's CA (a software key: a stand-in) certifies the request.
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "org-ca.key",
+        "-out",
+        "org-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Org TLS CA",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "prod.csr",
+        "-CA",
+        "org-ca.pem",
+        "-CAkey",
+        "org-ca.key",
+        "-CAcreateserial",
+        "-copy_extensions",
+        "copy",
+        "-days",
+        "1",
+        "-out",
+        "prod.pem",
+    ]);
+    let d = Daemon::start_with(dev, |cfg| {
+        *cfg = cfg
+            .replace(
+                "certificate = \"pki/tls/server.pem\"",
+                "certificate = \"prod.pem\"",
+            )
+            .replace("object=tls-server;", "object=tls-prod;");
+    });
+    rt().block_on(async {
+        let ch = dccsign::api::client::connect(
+            &d.addr,
+            &d.dev.file("pki/clients/issuer-all.pem"),
+            &d.dev.file("pki/clients/issuer-all.key"),
+            &d.dev.file("org-ca.pem"),
+            "localhost",
+        )
+        .await
+        .unwrap();
+        dccsign::api::client::issuance(ch)
+            .get_signing_info(pb::GetSigningInfoRequest {})
+            .await
+            .unwrap();
+    });
+    let control = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let ops: Vec<String> = control
+        .prepare("SELECT operation FROM audit WHERE operation LIKE 'tls.%' ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ops, ["tls.generate", "tls.csr"]);
+}
+
 /// `dev-init` generates the server's TLS key in the token and writes no key file: the daemon
 /// signs its handshakes with the token, cannot start without that key, and refuses a key that
 /// does not belong to its certificate. A PEM key file still works where a configuration names

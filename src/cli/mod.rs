@@ -9,6 +9,7 @@ mod ledger;
 mod load;
 mod revocation;
 mod serve;
+mod tls;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,10 @@ enum Command {
     Audit(keys::AuditArgs),
     /// Offline operator commands on the ledger (the daemon stopped): interrupted reservations.
     Ledger(ledger::LedgerArgs),
+    /// A certificate request (PKCS#10, signed in the token) for a TLS key of the daemon in the
+    /// token — its server key or its client key towards the EU gateway; `--generate` makes the
+    /// key first. Both steps are recorded in the audit log.
+    TlsCsr(tls::TlsCsrArgs),
     /// Write the trust list for verifiers: active DSCs and retired ones still needed (officer).
     TrustList(keys::TrustListArgs),
     /// Revoke a certificate by its UVCI (issuers: their own; officers: any).
@@ -187,6 +192,7 @@ pub fn run() -> ExitCode {
         Command::Keys(a) => keys::keys(a),
         Command::Audit(a) => keys::audit(a),
         Command::Ledger(a) => ledger::ledger(a),
+        Command::TlsCsr(a) => tls::tls_csr(a),
         Command::TrustList(a) => keys::trust_list(a),
         Command::Revoke(a) => revocation::revoke(a),
         Command::Replace(a) => revocation::replace(a),

@@ -25,7 +25,9 @@ pub use dev::{
 pub use dsc::{ActiveDsc, Dsc, DscSet, SignerSwitch};
 pub use publish::signed_data;
 pub use state::KeyState;
-pub use tls::{dev_identity, issue_tls_leaf, Leaf, TlsCa, TlsRole, DEV_IDENTITY_PREFIX};
+pub use tls::{
+    dev_identity, issue_tls_leaf, tls_csr, Leaf, TlsCa, TlsRequest, TlsRole, DEV_IDENTITY_PREFIX,
+};
 
 /// Errors of the key layer.
 #[derive(Debug, thiserror::Error)]

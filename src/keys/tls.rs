@@ -111,6 +111,69 @@ fn write_leaf(dir: &Path, name: &str, cert: &Certificate) -> Result<PathBuf, Key
     Ok(cert_path)
 }
 
+/// What a certificate request for a TLS key asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsRequest<'a> {
+    /// The subject, an RFC 4514 name (`CN=dccsign.example.se,O=…`).
+    pub subject: &'a str,
+    /// `serverAuth` or `clientAuth`.
+    pub role: TlsRole,
+    /// DNS names for the subject alternative name.
+    pub dns: &'a [String],
+    /// IP addresses for it.
+    pub ips: &'a [IpAddr],
+    /// URIs for it (a client identity, e.g. `spiffe://…`).
+    pub uris: &'a [String],
+}
+
+/// A PKCS#10 certificate request for `key`, signed inside the token (PEM): the subject and, as
+/// requested extensions, the subject alternative names and the extended key usage of the role.
+/// For the organisation's TLS CA (or the EU gateway's registration) to certify a key that never
+/// leaves the HSM.
+pub fn tls_csr(token: &Token, key: &KeyHandle, req: TlsRequest<'_>) -> Result<String, KeysError> {
+    use der::EncodePem;
+    use x509_cert::builder::{Builder, RequestBuilder};
+    let subject = x509_cert::name::Name::from_str(req.subject).map_err(|e| {
+        KeysError::Build(format!(
+            "subject {:?}: not an RFC 4514 name: {e}",
+            req.subject
+        ))
+    })?;
+    let mut names = Vec::new();
+    for d in req.dns {
+        names.push(GeneralName::DnsName(Ia5String::new(d).map_err(b)?));
+    }
+    for ip in req.ips {
+        let octets = match ip {
+            IpAddr::V4(v) => v.octets().to_vec(),
+            IpAddr::V6(v) => v.octets().to_vec(),
+        };
+        names.push(GeneralName::IpAddress(OctetString::new(octets).map_err(b)?));
+    }
+    for u in req.uris {
+        names.push(GeneralName::UniformResourceIdentifier(
+            Ia5String::new(u).map_err(b)?,
+        ));
+    }
+    if names.is_empty() {
+        return Err(KeysError::Build(
+            "a TLS certificate needs at least one DNS name, IP address or URI".into(),
+        ));
+    }
+    let eku = match req.role {
+        TlsRole::Server => const_oid::db::rfc5280::ID_KP_SERVER_AUTH,
+        TlsRole::Client => const_oid::db::rfc5280::ID_KP_CLIENT_AUTH,
+    };
+    let signer = crate::hsm::TokenSigner::new(token, key);
+    let mut builder = RequestBuilder::new(subject, &signer).map_err(b)?;
+    builder.add_extension(&SubjectAltName(names)).map_err(b)?;
+    builder
+        .add_extension(&x509_cert::ext::pkix::ExtendedKeyUsage(vec![eku]))
+        .map_err(b)?;
+    let csr = builder.build::<p256::ecdsa::DerSignature>().map_err(b)?;
+    csr.to_pem(LineEnding::LF).map_err(b)
+}
+
 /// The certificate of a TLS leaf for `public_key`, signed by the CA key in the token.
 fn tls_leaf(
     ca: TlsCa<'_>,
