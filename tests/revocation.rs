@@ -400,6 +400,30 @@ fn revoke_and_replace_follow_the_issuer_rules_and_the_list_answers_revoked() {
     );
     let valid = verify(&d, &hc1_c, &extra);
     assert!(valid.status.success(), "{}", stderr(&valid));
+    // A list is current for --max-list-age-hours (48 by default) after it was signed: verified
+    // three days later it is stale, never "not revoked"; with a longer age it is taken.
+    let later = (time::OffsetDateTime::now_utc() + time::Duration::days(3))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let mut at_later = extra.to_vec();
+    at_later.extend_from_slice(&["--at", &later]);
+    let stale = verify(&d, &hc1_c, &at_later);
+    assert_eq!(stale.status.code(), Some(1), "{}", stderr(&stale));
+    assert!(
+        stderr(&stale).contains("more than 48 h before the verification time"),
+        "{}",
+        stderr(&stale)
+    );
+    at_later.extend_from_slice(&["--max-list-age-hours", "96"]);
+    let taken = verify(&d, &hc1_c, &at_later);
+    assert!(taken.status.success(), "{}", stderr(&taken));
+    let revoked_later = verify(&d, &hc1_a, &at_later);
+    assert_eq!(
+        revoked_later.status.code(),
+        Some(4),
+        "{}",
+        stderr(&revoked_later)
+    );
     // The delta since version 0, applied to the empty list, is the full list.
     let delta = d.dev.file("delta.cbor");
     ok(cli(

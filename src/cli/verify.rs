@@ -13,14 +13,17 @@ use super::{EXIT_INVALID, EXIT_REVOKED};
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
 Exit codes: 0 valid; 1 operational error (unreadable files, or a revocation list that does not \
-verify with --revocation-key, is a delta, or is for another DSC); 2 bad arguments; 3 invalid \
+verify with --revocation-key, is a delta, is for another DSC, or is stale); 2 bad arguments; 3 invalid \
 (signature, validity period or key usage); 4 revoked (the signature verifies and the \
 certificate's SIGNATURE hash is in the --revocation list; reported even if it has also expired).
 
 Revocation: --revocation takes a full verifier list of the certificate's DSC (a COSE_Sign1 file, \
 docs/revocation.md) and --revocation-key the list-signing public key (PEM; in a development \
 state directory: pki/revocation-list-key.pem). The list is checked before anything is printed; \
-a list whose signature does not verify is never taken as \"not revoked\".")]
+a list whose signature does not verify is never taken as \"not revoked\". The daemon signs the \
+list when it is fetched, with that time as `issued`; a list issued more than \
+--max-list-age-hours before the verification time (or more than 5 minutes after it) is stale: \
+an old list that predates a revocation must not pass as current.")]
 pub struct VerifyArgs {
     /// PEM file with one or more trusted DSC certificates (repeatable).
     #[arg(long, required = true)]
@@ -36,12 +39,25 @@ pub struct VerifyArgs {
     /// The list-signing public key (PEM) that --revocation must be signed with.
     #[arg(long, value_name = "PEM", requires = "revocation")]
     revocation_key: Option<PathBuf>,
+    /// The oldest --revocation list accepted, in hours between its `issued` time and the
+    /// verification time.
+    #[arg(long, default_value_t = 48, value_parser = clap::value_parser!(u64).range(1..))]
+    max_list_age_hours: u64,
     /// The `HC1:` string, or a file containing it, or `-` for standard input.
     input: String,
 }
 
-/// Reads and opens a verifier list: signature by the key in `key_pem`, full form.
-fn load_list(path: &Path, key_pem: &Path) -> Result<RevocationList, String> {
+/// Clock skew allowed between the list's signer and the verifier.
+const LIST_SKEW_SECONDS: i64 = 300;
+
+/// Reads and opens a verifier list: signature by the key in `key_pem`, full form, issued at
+/// most `max_age_hours` before `at` (and not after it, beyond the clock skew).
+fn load_list(
+    path: &Path,
+    key_pem: &Path,
+    at: time::OffsetDateTime,
+    max_age_hours: u64,
+) -> Result<RevocationList, String> {
     use p256::pkcs8::DecodePublicKey;
     let pem = std::fs::read_to_string(key_pem)
         .map_err(|e| format!("revocation key {}: {e}", key_pem.display()))?;
@@ -57,6 +73,23 @@ fn load_list(path: &Path, key_pem: &Path) -> Result<RevocationList, String> {
         return Err(format!(
             "{}: revocation list is a delta (since version {since}), not a full list; apply it \
              to the full list first",
+            path.display()
+        ));
+    }
+    let issued = i64::try_from(list.issued()).unwrap_or(i64::MAX);
+    let at = at.unix_timestamp();
+    let max_age = i64::try_from(max_age_hours.saturating_mul(3600)).unwrap_or(i64::MAX);
+    let when = super::fmt_time(Some(issued));
+    if issued > at.saturating_add(LIST_SKEW_SECONDS) {
+        return Err(format!(
+            "{}: revocation list issued at {when}, after the verification time",
+            path.display()
+        ));
+    }
+    if at.saturating_sub(issued) > max_age {
+        return Err(format!(
+            "{}: revocation list issued at {when}, more than {max_age_hours} h before the \
+             verification time; fetch a fresh one (dccsign revocation list)",
             path.display()
         ));
     }
@@ -88,7 +121,7 @@ pub fn verify(args: VerifyArgs) -> ExitCode {
         }
     };
     let list = match (&args.revocation, &args.revocation_key) {
-        (Some(l), Some(k)) => match load_list(l, k) {
+        (Some(l), Some(k)) => match load_list(l, k, at, args.max_list_age_hours) {
             Ok(list) => Some(list),
             Err(e) => {
                 eprintln!("error: {e}");
