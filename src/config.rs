@@ -448,6 +448,14 @@ pub struct ServerConfig {
     /// Most items on one `IssueStream`.
     #[serde(default = "default_stream_items")]
     pub max_stream_items: u64,
+    /// Most open client connections (default 4096). At the limit the daemon stops accepting:
+    /// new connections wait in the kernel's backlog until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most TLS handshakes under way at once (default 64, the depth of the server key's
+    /// signing queue); more wait in the kernel's backlog.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
     /// Time in-flight requests get to finish after SIGTERM/SIGINT.
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
@@ -548,6 +556,14 @@ fn default_listen() -> std::net::SocketAddr {
 fn default_metrics() -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
 }
+fn default_max_connections() -> usize {
+    4096
+}
+
+fn default_max_handshakes() -> usize {
+    64
+}
+
 fn default_crl_check() -> u64 {
     30
 }

@@ -629,6 +629,41 @@ fn a_cancelled_call_keeps_its_place_until_its_work_ends() {
     });
 }
 
+/// At `max_connections` open connections the daemon accepts no more until one closes: the
+/// next client waits (here: its connect times out), and gets in once a place is free.
+#[test]
+fn connections_beyond_the_limit_wait_until_one_closes() {
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace("[server]\n", "[server]\nmax_connections = 2\n");
+    });
+    rt().block_on(async {
+        let wait = std::time::Duration::from_secs(2);
+        let a = d.channel("issuer-all").await.unwrap();
+        let b = d.channel("issuer-test").await.unwrap();
+        for ch in [&a, &b] {
+            dccsign::api::client::issuance(ch.clone())
+                .get_signing_info(pb::GetSigningInfoRequest {})
+                .await
+                .unwrap();
+        }
+        let third = tokio::time::timeout(wait, d.channel("officer-1")).await;
+        assert!(
+            !matches!(third, Ok(Ok(_))),
+            "a third connection was served beside two"
+        );
+        drop(a);
+        let c = tokio::time::timeout(std::time::Duration::from_secs(10), d.channel("officer-1"))
+            .await
+            .expect("no place freed")
+            .unwrap();
+        pb::keys_client::KeysClient::new(c)
+            .list_keys(pb::ListKeysRequest::default())
+            .await
+            .unwrap();
+    });
+    assert!(d.log().contains("at the limit"), "{}", d.log());
+}
+
 #[test]
 fn graceful_shutdown_keeps_every_acknowledged_certificate() {
     let mut d = Daemon::start();

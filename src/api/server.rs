@@ -279,7 +279,15 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|e| ServeError::Server(e.to_string()))?;
-    let incoming = tls::incoming(listener, tls_config, Duration::from_secs(10));
+    let incoming = tls::incoming(
+        listener,
+        tls_config,
+        tls::ConnectionLimits {
+            connections: server_cfg.max_connections,
+            handshakes: server_cfg.max_handshakes,
+            handshake_timeout: Duration::from_secs(10),
+        },
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grace = Duration::from_secs(server_cfg.shutdown_grace_seconds);

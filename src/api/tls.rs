@@ -16,6 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
@@ -139,10 +140,53 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// A TLS connection with its verified peer; its writes are corked (see [`Cork`]).
+/// A TLS connection with its verified peer; its writes are corked (see [`Cork`]). It holds
+/// its place among the open connections until it is dropped.
 pub struct MtlsStream {
     inner: Cork<TlsStream<TcpStream>>,
     peer: Peer,
+    _open: OpenConnection,
+}
+
+/// A place among the daemon's open connections, given back (and counted) when dropped.
+struct OpenConnection {
+    _permit: OwnedSemaphorePermit,
+    gauge: metrics::Gauge,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// How many connections the daemon serves, and handshakes it makes, at once.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections.
+    pub connections: usize,
+    /// Handshakes under way.
+    pub handshakes: usize,
+    /// Time a handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+/// Takes a permit of `limit`, logging and counting when the limit makes the accept loop wait.
+async fn place(limit: &Arc<Semaphore>, what: &'static str) -> OwnedSemaphorePermit {
+    if let Ok(p) = limit.clone().try_acquire_owned() {
+        return p;
+    }
+    metrics::counter!("dccsign_tls_accept_waits_total", "limit" => what).increment(1);
+    tracing::warn!(
+        limit = what,
+        "at the limit: new connections wait in the backlog"
+    );
+    // Never closed: the semaphore lives as long as the accept loop.
+    limit
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the accept loop's semaphore is never closed")
 }
 
 impl Connected for MtlsStream {
@@ -189,17 +233,25 @@ impl AsyncWrite for MtlsStream {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (each bounded by
-/// `handshake_timeout`); verified connections come out of the returned stream. Failed
-/// handshakes are logged and counted, never passed on.
+/// `limits.handshake_timeout`); verified connections come out of the returned stream. Failed
+/// handshakes are logged and counted, never passed on. At `limits.connections` open
+/// connections or `limits.handshakes` handshakes under way, no connection is accepted until
+/// one ends: the rest wait in the kernel's backlog, costing the daemon nothing.
 pub fn incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
-    handshake_timeout: Duration,
+    limits: ConnectionLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<MtlsStream, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let connections = Arc::new(Semaphore::new(limits.connections.max(1)));
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes.max(1)));
+    let open = metrics::gauge!("dccsign_tls_connections");
+    let handshake_timeout = limits.handshake_timeout;
     tokio::spawn(async move {
         loop {
+            let connection = place(&connections, "connections").await;
+            let handshake = place(&handshakes, "handshakes").await;
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -214,8 +266,11 @@ pub fn incoming(
             }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let open = open.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshake);
+                match accepted {
                     Ok(Ok(tls)) => {
                         let identity = tls
                             .get_ref()
@@ -223,9 +278,14 @@ pub fn incoming(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .and_then(|c| identity_of(c.as_ref()));
+                        open.increment(1.0);
                         let stream = MtlsStream {
                             inner: Cork::new(tls),
                             peer: Peer { addr, identity },
+                            _open: OpenConnection {
+                                _permit: connection,
+                                gauge: open,
+                            },
                         };
                         let _ = tx.send(Ok(stream)).await;
                     }
