@@ -853,6 +853,25 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
     let log = d.log();
     assert!(log.contains("client CRLs read again"), "{log}");
     assert!(log.contains("Revoked"), "{log}");
+    assert!(!log.contains("within 24 h"), "{log}");
+    // A CRL that reaches its nextUpdate within a day is reported (once), still in force.
+    let out = d.dev.run(&[
+        "dev-client-cert",
+        "--state-dir",
+        &dir,
+        "--name",
+        "issuer-test",
+        "--revoke",
+        "--hours",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !d.log().contains("reaches its nextUpdate within 24 h") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(!works("issuer-test"));
 
     // A file that no longer parses: reported, and the CRL in force stays.
     std::fs::write(&crl, "not a CRL").unwrap();

@@ -12,7 +12,8 @@
 //!   that is already past its `nextUpdate`, in one line. Later, such a file is logged and
 //!   counted (`dccsign_tls_client_crl_reload_failures_total`) and the CRLs in force stay.
 //! - `dccsign_tls_client_crl_next_update_seconds` (Unix time) is the earliest `nextUpdate` in
-//!   force: alert well before it.
+//!   force: alert well before it. The daemon also warns in its log, once per CRL loaded, when
+//!   that time is less than 24 h away.
 //! - Without CRLs, the verifier is webpki's, unchanged.
 
 use std::path::{Path, PathBuf};
@@ -85,7 +86,12 @@ pub struct ClientVerifier {
     hints: Vec<DistinguishedName>,
     current: RwLock<Arc<dyn ClientCertVerifier>>,
     stamps: Mutex<Vec<Stamp>>,
+    /// The earliest `nextUpdate` in force, and whether its nearness was reported.
+    next_update: Mutex<(Option<SystemTime>, bool)>,
 }
+
+/// How long before a CRL's `nextUpdate` the daemon warns that it needs a fresh one.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(24 * 3600);
 
 impl std::fmt::Debug for ClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,12 +139,15 @@ impl ClientVerifier {
             provider,
             crl_paths,
         };
-        let built = sources.build(sources.read_crls(SystemTime::now())?)?;
+        let loaded = sources.read_crls(SystemTime::now())?;
+        let next_update = loaded.next_update;
+        let built = sources.build(loaded)?;
         Ok(ClientVerifier {
             hints: built.root_hint_subjects().to_vec(),
             current: RwLock::new(built),
             sources,
             stamps: Mutex::new(stamps),
+            next_update: Mutex::new((next_update, false)),
         })
     }
 
@@ -159,11 +168,25 @@ impl ClientVerifier {
             // Looked at once per change: a bad file is reported once, not every interval.
             *seen = now_stamps;
         }
-        let built = self
-            .sources
-            .build(self.sources.read_crls(SystemTime::now())?)?;
+        let loaded = self.sources.read_crls(SystemTime::now())?;
+        let next_update = loaded.next_update;
+        let built = self.sources.build(loaded)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = built;
+        *self.next_update.lock().unwrap_or_else(|p| p.into_inner()) = (next_update, false);
         Ok(true)
+    }
+
+    /// The earliest `nextUpdate` in force, once, when it is less than [`EXPIRY_WARNING`] after
+    /// `now`: then the CRL needs replacing before every client of its CA is refused.
+    pub fn expiring(&self, now: SystemTime) -> Option<SystemTime> {
+        let mut state = self.next_update.lock().unwrap_or_else(|p| p.into_inner());
+        match *state {
+            (Some(next), false) if next < now + EXPIRY_WARNING => {
+                state.1 = true;
+                Some(next)
+            }
+            _ => None,
+        }
     }
 
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
@@ -292,7 +315,12 @@ pub fn watch(verifier: Arc<ClientVerifier>, every: Duration) {
         loop {
             tick.tick().await;
             let Some(v) = weak.upgrade() else { return };
-            let result = tokio::task::spawn_blocking(move || v.reload_if_changed()).await;
+            let checked = v.clone();
+            let result = tokio::task::spawn_blocking(move || checked.reload_if_changed()).await;
+            if let Some(next) = v.expiring(SystemTime::now()) {
+                tracing::warn!(next_update = %rfc3339(next),
+                    "a client CRL reaches its nextUpdate within 24 h: install a fresh one, or every client of its CA is refused from then on");
+            }
             match result {
                 Ok(Ok(true)) => tracing::info!("client CRLs read again"),
                 Ok(Ok(false)) => {}
