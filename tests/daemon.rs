@@ -596,13 +596,7 @@ fn a_cancelled_call_keeps_its_place_until_its_work_ends() {
         let mut first = tonic::Request::new(issue_request("test", &p, "cancel-1"));
         first.set_timeout(std::time::Duration::from_millis(300));
         let e = c.issue(first).await.unwrap_err();
-        assert!(
-            matches!(
-                e.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
-            "{e}"
-        );
+        common::assert_abandoned(&e);
         // Its work still runs: the next call is refused, not admitted beside it.
         let e = c
             .issue(issue_request("test", &d.dev.example("test"), "cancel-2"))
@@ -810,14 +804,7 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
     assert!(out.status.success(), "{}", common::stderr(&out));
     let crl = d.dev.file("pki/tls/clients-crl.pem");
     // OpenSSL reads the CRL we made, signed by the CA key in the token, and finds the serial.
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::stderr(&out));
-        common::stdout(&out)
-    };
+    let openssl = |args: &[&str]| common::openssl(d.dev.path(), args);
     let ca = d.dev.file("pki/tls/ca.pem");
     let text = openssl(&[
         "crl",
@@ -975,19 +962,7 @@ fn a_tls_key_made_in_the_token_is_certified_by_another_ca_and_served() {
     ]);
     assert!(common::stderr(&missing).contains("add --generate"));
 
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dev.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            common::stderr(&out)
-        );
-        common::stdout(&out)
-    };
+    let openssl = |args: &[&str]| common::openssl(dev.path(), args);
     let text = openssl(&["req", "-in", "prod.csr", "-verify", "-noout", "-text"]);
     assert!(
         text.contains("DNS:localhost, IP Address:127.0.0.1"),
@@ -1376,13 +1351,7 @@ fn the_client_deadline_is_honoured() {
         ));
         req.set_timeout(std::time::Duration::from_micros(1));
         let e = c.issue(req).await.unwrap_err();
-        assert!(
-            matches!(
-                e.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ),
-            "{e}"
-        );
+        common::assert_abandoned(&e);
         // The same request retried in time succeeds: the pipeline of the abandoned attempt (if
         // it reached the server) ran to its end instead of leaving the request "in progress".
         let retry = loop {

@@ -201,6 +201,30 @@ impl Dev {
     }
 }
 
+/// A call the client gave up on (its deadline passed): DEADLINE_EXCEEDED, or CANCELLED when
+/// the client's side noticed first.
+pub fn assert_abandoned(e: &tonic::Status) {
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{e}"
+    );
+}
+
+/// `openssl <args>` in `dir` (an independent implementation to check ours against): its
+/// standard output; fails the test when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl missing: run .ci/deps");
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    stdout(&out)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
