@@ -658,6 +658,51 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
     assert!(d.log().contains("at the limit"), "{}", d.log());
 }
 
+/// Key-lifecycle calls count against the caller's limits like issuance and revocation calls,
+/// and one the client abandons keeps its place until its work ends.
+#[test]
+fn a_keys_call_keeps_its_place_until_its_work_ends() {
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace(
+            "max_in_flight_per_client = 256",
+            "max_in_flight_per_client = 1",
+        );
+    });
+    rt().block_on(async {
+        let mut k = pb::keys_client::KeysClient::new(d.channel("officer-1").await.unwrap());
+        // Another writer holds the control database: the request waits for it.
+        let other = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut req = tonic::Request::new(pb::GenerateKeyRequest {
+            label: "dsc-held".into(),
+            types: vec![pb::CertificateType::Test as i32],
+            ..Default::default()
+        });
+        req.set_timeout(std::time::Duration::from_millis(300));
+        common::assert_abandoned(&k.generate_key(req).await.unwrap_err());
+        let e = k
+            .list_pending(pb::ListPendingRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        other.execute_batch("ROLLBACK").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let pending = loop {
+            match k.list_pending(pb::ListPendingRequest::default()).await {
+                Err(e)
+                    if e.code() == tonic::Code::ResourceExhausted
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => break other.unwrap().into_inner().operations,
+            }
+        };
+        // The abandoned request ran to its end: it is pending, waiting for a second officer.
+        assert_eq!(pending.len(), 1, "{pending:?}");
+    });
+}
+
 #[test]
 fn graceful_shutdown_keeps_every_acknowledged_certificate() {
     let mut d = Daemon::start();

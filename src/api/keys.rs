@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
-use super::authz::{Authorizer, Service};
+use super::authz::{Authorizer, Caller, Service};
+use super::limits::Limits;
 use super::{error, pb};
 use crate::dcc::CertType;
 use crate::issuance::Issuer;
@@ -17,6 +19,7 @@ use crate::keys::{KeyManager, KeyOpError, ManagedKey, Operation};
 pub struct KeysService {
     issuer: Arc<Issuer>,
     authz: Arc<Authorizer>,
+    limits: Arc<Limits>,
     token_label: String,
     manager: Option<Arc<KeyManager>>,
 }
@@ -28,24 +31,40 @@ impl std::fmt::Debug for KeysService {
 }
 
 impl KeysService {
-    /// A service over the issuer's DSCs and, when given, the managed keys.
+    /// A service over the issuer's DSCs and, when given, the managed keys; its calls count
+    /// against each caller's `limits`, like issuance and revocation calls.
     pub fn new(
         issuer: Arc<Issuer>,
-        authz: Arc<Authorizer>,
+        (authz, limits): (Arc<Authorizer>, Arc<Limits>),
         token_label: String,
         manager: Option<Arc<KeyManager>>,
     ) -> Self {
         KeysService {
             issuer,
             authz,
+            limits,
             token_label,
             manager,
         }
     }
 
-    /// Runs `f` with the key manager on the blocking pool, mapping its error once.
+    /// Authorises the caller for `service` and admits the call under its limits (requests in
+    /// flight and rate): overload is refused with RESOURCE_EXHAUSTED.
+    fn admit<T>(
+        &self,
+        req: &Request<T>,
+        service: Service,
+    ) -> Result<(Caller, OwnedSemaphorePermit), Status> {
+        let caller = self.authz.authorize(req, service, "")?;
+        let permit = self.limits.admit(&caller.identity, "")?;
+        Ok((caller, permit))
+    }
+
+    /// Runs `f` with the key manager on the blocking pool, mapping its error once. The call's
+    /// `permit` goes with the work, so a caller that goes away keeps its place until it ends.
     async fn run<T: Send + 'static>(
         &self,
+        permit: OwnedSemaphorePermit,
         f: impl FnOnce(&KeyManager, i64) -> Result<T, KeyOpError> + Send + 'static,
     ) -> Result<T, Status> {
         let Some(m) = self.manager.clone() else {
@@ -54,10 +73,13 @@ impl KeysService {
             ));
         };
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        tokio::task::spawn_blocking(move || f(&m, now))
-            .await
-            .map_err(|e| Status::internal(format!("key operation task failed: {e}")))?
-            .map_err(|e| error::from_key_op(&e))
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&m, now)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("key operation task failed: {e}")))?
+        .map_err(|e| error::from_key_op(&e))
     }
 }
 
@@ -101,9 +123,10 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let caller = self.authz.authorize(&req, Service::KeysRead, "")?;
+        let (caller, permit) = self.admit(&req, Service::KeysRead)?;
         let (managed, counts) = if self.manager.is_some() {
-            self.run(|m, _| Ok((m.list()?, m.signed_counts()?))).await?
+            self.run(permit, |m, _| Ok((m.list()?, m.signed_counts()?)))
+                .await?
         } else {
             (vec![], Default::default())
         };
@@ -156,7 +179,8 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::GenerateKeyRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let r = req.into_inner();
         let mut types = Vec::new();
         for t in r.types {
@@ -175,7 +199,7 @@ impl pb::keys_server::Keys for KeysService {
             }
         }
         let op = self
-            .run(move |m, now| {
+            .run(permit, move |m, now| {
                 let role = if r.role.is_empty() { "dsc" } else { &r.role };
                 m.request_generate(&officer, &r.label, role, &types, now)
             })
@@ -187,10 +211,11 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ApproveRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let id = req.into_inner().operation_id;
         let op = self
-            .run(move |m, now| m.approve(&officer, &id, now))
+            .run(permit, move |m, now| m.approve(&officer, &id, now))
             .await?;
         Ok(Response::new(op_info(op)))
     }
@@ -199,8 +224,8 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ListPendingRequest>,
     ) -> Result<Response<pb::ListPendingResponse>, Status> {
-        self.authz.authorize(&req, Service::KeysRead, "")?;
-        let ops = self.run(|m, _| m.pending()).await?;
+        let (_, permit) = self.admit(&req, Service::KeysRead)?;
+        let ops = self.run(permit, |m, _| m.pending()).await?;
         Ok(Response::new(pb::ListPendingResponse {
             operations: ops.into_iter().map(op_info).collect(),
         }))
@@ -210,10 +235,13 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::CreateCsrRequest>,
     ) -> Result<Response<pb::CreateCsrResponse>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let r = req.into_inner();
         let csr_pem = self
-            .run(move |m, now| m.csr(&officer, &r.label, &r.subject, now))
+            .run(permit, move |m, now| {
+                m.csr(&officer, &r.label, &r.subject, now)
+            })
             .await?;
         Ok(Response::new(pb::CreateCsrResponse { csr_pem }))
     }
@@ -222,11 +250,14 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ImportCertificateRequest>,
     ) -> Result<Response<pb::KeyInfo>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let r = req.into_inner();
         let label = self.token_label.clone();
         let k = self
-            .run(move |m, now| m.import_cert(&officer, &r.label, &r.certificate, now))
+            .run(permit, move |m, now| {
+                m.import_cert(&officer, &r.label, &r.certificate, now)
+            })
             .await?;
         Ok(Response::new(key_info(&label, k)))
     }
@@ -235,10 +266,11 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let label = req.into_inner().label;
         let package_base64 = self
-            .run(move |m, now| m.publish(&officer, &label, now))
+            .run(permit, move |m, now| m.publish(&officer, &label, now))
             .await?;
         Ok(Response::new(pb::PublishResponse { package_base64 }))
     }
@@ -247,10 +279,13 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::ActivateRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let label = req.into_inner().label;
         let op = self
-            .run(move |m, now| m.request_activate(&officer, &label, now))
+            .run(permit, move |m, now| {
+                m.request_activate(&officer, &label, now)
+            })
             .await?;
         Ok(Response::new(op_info(op)))
     }
@@ -259,10 +294,13 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::RetireRequest>,
     ) -> Result<Response<pb::Operation>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let label = req.into_inner().label;
         let op = self
-            .run(move |m, now| m.request_retire(&officer, &label, now))
+            .run(permit, move |m, now| {
+                m.request_retire(&officer, &label, now)
+            })
             .await?;
         Ok(Response::new(op_info(op)))
     }
@@ -271,10 +309,11 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::DestroyRequest>,
     ) -> Result<Response<pb::DestroyResponse>, Status> {
-        let officer = self.authz.authorize(&req, Service::Keys, "")?.identity;
+        let (officer, permit) = self.admit(&req, Service::Keys)?;
+        let officer = officer.identity;
         let r = req.into_inner();
         let out = self
-            .run(move |m, now| {
+            .run(permit, move |m, now| {
                 let (report, allowed) = m.destroy_report(&r.label, now)?;
                 let operation = if r.execute {
                     let reason = Some(r.force_reason.as_str()).filter(|s| !s.is_empty());
@@ -296,8 +335,8 @@ impl pb::keys_server::Keys for KeysService {
         &self,
         req: Request<pb::TrustListRequest>,
     ) -> Result<Response<pb::TrustListResponse>, Status> {
-        self.authz.authorize(&req, Service::KeysRead, "")?;
-        let v = self.run(|m, now| m.trust_list(now)).await?;
+        let (_, permit) = self.admit(&req, Service::KeysRead)?;
+        let v = self.run(permit, |m, now| m.trust_list(now)).await?;
         Ok(Response::new(pb::TrustListResponse {
             json: serde_json::to_string_pretty(&v).unwrap_or_default(),
         }))

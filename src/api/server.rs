@@ -262,7 +262,7 @@ pub async fn serve(
         .max_decoding_message_size(server_cfg.max_message_bytes);
     let keys = pb::keys_server::KeysServer::new(super::keys::KeysService::new(
         issuer.clone(),
-        authz.clone(),
+        (authz.clone(), limits.clone()),
         cfg.hsm.token.clone(),
         Some(manager),
     ))
