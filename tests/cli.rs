@@ -211,7 +211,13 @@ fn duplicate_uvci_is_refused_and_recorded_once() {
     dev.sign_ok("vaccination", &p);
     assert_eq!(dev.ledger_counts(), (0, 1));
     let out = dev.sign("vaccination", &p);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{:?}: {}",
+        out.status,
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("2-60-1001-91"), "{}", stderr(&out));
     assert!(stdout(&out).is_empty());
     assert_eq!(dev.ledger_counts(), (0, 1));

@@ -80,7 +80,10 @@ pub fn sign(args: SignArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match issuer.issue(args.cert_type, Payload::Json(&payload), now) {
+    let result = issuer.issue(args.cert_type, Payload::Json(&payload), now);
+    // The pool's and the ledger's threads end before the process does.
+    issuer.close(std::time::Duration::from_secs(5));
+    match result {
         Ok(issued) => {
             type Render = fn(&str) -> Result<Vec<u8>, dccsign::cose::CoseError>;
             let qr: [(&Option<PathBuf>, &str, Render); 2] = [

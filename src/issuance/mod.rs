@@ -173,6 +173,26 @@ impl Issuer {
         }
     }
 
+    /// Ends the issuer on this thread: waits (up to `wait`) until the replies of finished
+    /// requests, which run on the ledger writer and the HSM workers, have let go of the signing
+    /// pool and the ledger, then drops both here, so that their threads are joined before the
+    /// caller goes on. A process that exits right after a request (the `sign` command) would
+    /// otherwise let a worker close its PKCS#11 session while the token library tears itself
+    /// down. Holders other than those replies (the daemon's services) make it wait the whole
+    /// `wait`; it is for one-shot callers.
+    pub fn close(self, wait: std::time::Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        let pool = self.pool.into_inner().unwrap_or_else(|p| p.into_inner());
+        let ledger = self.ledger;
+        while (Arc::strong_count(&pool) > 1 || Arc::strong_count(&ledger) > 1)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(pool);
+        drop(ledger);
+    }
+
     fn pool(&self) -> Arc<SigningPool> {
         self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
