@@ -780,16 +780,8 @@ fn startup_refusals_are_one_line_reasons() {
     // A world-readable PIN file.
     let dev = Dev::new();
     dev.pin_world_readable();
-    let out = dev.run(
-        &dev.serve_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
+    let err = dev.refused_start();
     assert!(err.contains("chmod 600"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     // A DSC whose key is not in the token.
     let dev = Dev::new();
@@ -797,19 +789,11 @@ fn startup_refusals_are_one_line_reasons() {
         .unwrap()
         .replace("object=dsc-recovery;", "object=dsc-missing;");
     std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
-    let out = dev.run(
-        &dev.serve_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = common::stderr(&out);
+    let err = dev.refused_start();
     assert!(
         err.contains("no private key labelled \"dsc-missing\""),
         "{err}"
     );
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
 /// Client certificates on their CA's CRL are refused at the handshake, without a restart:
@@ -916,25 +900,13 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
     assert!(works("issuer-all"));
 
     // Start-up: a CRL of another CA, and one past its nextUpdate, each in one line.
-    let serve = |dev: &Dev| {
-        let out = dev.run(
-            &dev.serve_args()
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert_eq!(out.status.code(), Some(1));
-        let err = common::stderr(&out);
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
-        err
-    };
     let dev = Dev::new();
     std::fs::copy(
         Dev::new().file("pki/tls/clients-crl.pem"),
         dev.file("pki/tls/clients-crl.pem"),
     )
     .unwrap();
-    let err = serve(&dev);
+    let err = dev.refused_start();
     assert!(err.contains("not signed by a CA in client_ca"), "{err}");
     assert!(err.contains("clients-crl.pem"), "{err}");
     let dev = Dev::new();
@@ -949,7 +921,7 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
         "0",
     ]);
     assert!(out.status.success(), "{}", common::stderr(&out));
-    let err = serve(&dev);
+    let err = dev.refused_start();
     assert!(err.contains("past its nextUpdate"), "{err}");
 }
 
@@ -1089,18 +1061,6 @@ fn a_tls_key_made_in_the_token_is_certified_by_another_ca_and_served() {
 /// one.
 #[test]
 fn the_server_tls_key_is_in_the_token() {
-    let serve = |dev: &Dev| {
-        let out = dev.run(
-            &dev.serve_args()
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert_eq!(out.status.code(), Some(1));
-        let err = common::stderr(&out);
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
-        err
-    };
     let uri = "pkcs11:token=dccsign-dev;object=tls-server;type=private";
     let dev = Dev::new();
     assert!(!dev.file("pki/tls/server.key").exists());
@@ -1134,7 +1094,7 @@ fn the_server_tls_key_is_in_the_token() {
         std::fs::write(dev.file("dccsign.toml"), cfg.replace(from, to)).unwrap();
     };
     edit(dev, "object=tls-server;", "object=dev-tls-ca;");
-    let err = serve(dev);
+    let err = dev.refused_start();
     assert!(
         err.contains(
             "server.pem does not belong to key pkcs11:token=dccsign-dev;object=dev-tls-ca"
@@ -1143,7 +1103,7 @@ fn the_server_tls_key_is_in_the_token() {
     );
     // No such key: refused.
     edit(dev, "object=dev-tls-ca;", "object=tls-missing;");
-    let err = serve(dev);
+    let err = dev.refused_start();
     assert!(
         err.contains("no private key labelled \"tls-missing\""),
         "{err}"

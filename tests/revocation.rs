@@ -777,15 +777,7 @@ fn a_gateway_client_certificate_must_belong_to_its_token_key() {
     with_gateway(&mut cfg, "https://127.0.0.1:9");
     let cfg = cfg.replace("pki/tls/gateway-client.pem", "pki/clients/issuer-all.pem");
     std::fs::write(dev.file("dccsign.toml"), cfg).unwrap();
-    let out = dev.run(
-        &dev.serve_args()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = dev.refused_start();
     assert!(
         err.contains("issuer-all.pem does not belong to key pkcs11:"),
         "{err}"

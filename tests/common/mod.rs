@@ -172,6 +172,17 @@ impl Dev {
         .to_vec()
     }
 
+    /// Starts `serve` on this state directory expecting it to refuse: exit 1 and one line on
+    /// standard error, which is returned.
+    pub fn refused_start(&self) -> String {
+        let args = self.serve_args();
+        let out = self.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        err
+    }
+
     /// OpenSC's `pkcs11-tool --list-objects --type <kind>` on the development token (an
     /// independent PKCS#11 client): its standard output.
     pub fn pkcs11_objects(&self, kind: &str) -> String {
