@@ -424,7 +424,9 @@ pub struct ServerConfig {
     /// for revocation. Read again when a file changes (`client_crl_check_seconds`).
     #[serde(default)]
     pub client_crls: Vec<PathBuf>,
-    /// How often the `client_crls` files are checked for changes, in seconds (default 30).
+    /// How often the `client_crls` files are checked for changes, and the open connections'
+    /// client certificates checked again (closing those that no longer pass), in seconds
+    /// (default 30).
     #[serde(default = "default_crl_check")]
     pub client_crl_check_seconds: u64,
     /// Largest accepted request message (default 64 KiB).

@@ -798,7 +798,8 @@ fn startup_refusals_are_one_line_reasons() {
 
 /// Client certificates on their CA's CRL are refused at the handshake, without a restart:
 /// `dev-init` writes an empty CRL that the configuration names, `dev-client-cert --revoke`
-/// re-issues it, and the daemon reads it again when the file changes. A CRL that goes bad
+/// re-issues it, and the daemon reads it again when the file changes; a connection the client
+/// opened before is closed as well. A CRL that goes bad
 /// later leaves the one in force; start-up refuses a CRL of another CA, or one past its
 /// `nextUpdate`.
 #[test]
@@ -822,6 +823,17 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
         })
     };
     assert!(works("issuer-test"), "{}", d.log());
+    // A connection opened before the revocation, kept open across it (on a runtime of its own
+    // that lives as long).
+    let kept_rt = rt();
+    let kept = kept_rt.block_on(async {
+        let ch = d.channel("issuer-test").await.unwrap();
+        let mut c = dccsign::api::client::issuance(ch);
+        c.get_signing_info(pb::GetSigningInfoRequest {})
+            .await
+            .unwrap();
+        c
+    });
     let out = d.dev.run(&[
         "dev-client-cert",
         "--state-dir",
@@ -866,7 +878,30 @@ fn a_revoked_client_certificate_is_refused_without_a_restart() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(works("issuer-all"), "{}", d.log());
+    // The connection opened before is closed too: its calls fail (the channel's reconnection
+    // is refused at the handshake) instead of going on over the old connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while kept_rt
+        .block_on(kept.clone().get_signing_info(pb::GetSigningInfoRequest {}))
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection opened before the revocation still serves:\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let log = d.log();
+    assert!(
+        log.lines().any(|l| l
+            .contains("closing a connection: its client certificate no longer passes")
+            && l.contains("dccsign.dev/issuer-test")),
+        "{log}"
+    );
+    // Its reconnection tried to resume the TLS session, which would skip the certificate
+    // check of a full handshake; the daemon checked the resumed session's certificate.
+    assert!(log.contains("TLS session resumption refused"), "{log}");
     assert!(log.contains("client CRLs read again"), "{log}");
     assert!(log.contains("Revoked"), "{log}");
     assert!(!log.contains("within 24 h"), "{log}");

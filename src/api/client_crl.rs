@@ -7,7 +7,12 @@
 //!   Fail closed: a revocation check that cannot be made refuses, as a CA-grade service must.
 //! - The files are read again when they change (modification time or size, checked every
 //!   `client_crl_check_seconds`), so a certificate revoked by the PKI is refused on the next
-//!   handshake without a restart. Connections already open stay open until they close.
+//!   handshake without a restart.
+//! - Connections already open are checked again at the same interval, whether or not CRLs are
+//!   configured: one whose client certificate no longer passes (revoked, expired, its CA's CRL
+//!   past `nextUpdate`) is closed, with what it had in flight (see [`Live`]). HTTP/2
+//!   connections of gRPC clients stay open for days; without this a revoked front-end would
+//!   keep issuing over the connection it already had.
 //! - Start-up refuses a CRL file that does not parse, that no CA in `client_ca` signed, or
 //!   that is already past its `nextUpdate`, in one line. Later, such a file is logged and
 //!   counted (`dccsign_tls_client_crl_reload_failures_total`) and the CRLs in force stay.
@@ -17,10 +22,13 @@
 //! - Without CRLs, the verifier is webpki's, unchanged.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::Waker;
 use std::time::{Duration, SystemTime};
 
 use der::{Decode, Encode, Reader};
+use futures_util::task::AtomicWaker;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -88,6 +96,57 @@ pub struct ClientVerifier {
     stamps: Mutex<Vec<Stamp>>,
     /// The earliest `nextUpdate` in force, and whether its nearness was reported.
     next_update: Mutex<(Option<SystemTime>, bool)>,
+    /// The open connections' client certificates, checked again by [`watch`], and the length
+    /// at which [`ClientVerifier::track`] next drops the entries of closed connections.
+    open: Mutex<(Vec<Weak<Live>>, usize)>,
+}
+
+/// An open connection's client certificate chain, checked again while the connection lasts.
+/// The connection's stream holds it and fails its next read and write once it is closed.
+pub struct Live {
+    /// The end-entity certificate first, then the intermediates the client sent.
+    chain: Vec<CertificateDer<'static>>,
+    /// The client's identity, for the log.
+    identity: Option<String>,
+    closed: AtomicBool,
+    /// The connection's pending read, woken when it is closed.
+    reader: AtomicWaker,
+}
+
+impl Live {
+    /// Whether the certificate failed a later check: the connection must end.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// [`Live::is_closed`], after registering `waker` to be woken when it becomes so.
+    pub fn closed_or_register(&self, waker: &Waker) -> bool {
+        if self.is_closed() {
+            return true;
+        }
+        self.reader.register(waker);
+        self.is_closed()
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.reader.wake();
+    }
+}
+
+/// The fewest tracked connections at which [`ClientVerifier::track`] drops closed ones.
+const PRUNE_AT: usize = 64;
+
+/// Adds `item` to `list`, first dropping the entries whose value is gone when the list has
+/// reached `prune_at` entries (then twice the entries left, at least [`PRUNE_AT`]). A closed
+/// connection's entry keeps its chain allocated, so the list holds at most about as many
+/// closed connections as open ones, at a constant cost per connection.
+fn push_pruned<T>(list: &mut Vec<Weak<T>>, prune_at: &mut usize, item: Weak<T>) {
+    if list.len() >= *prune_at {
+        list.retain(|w| w.strong_count() > 0);
+        *prune_at = (list.len() * 2).max(PRUNE_AT);
+    }
+    list.push(item);
 }
 
 /// How long before a CRL's `nextUpdate` the daemon warns that it needs a fresh one.
@@ -148,7 +207,67 @@ impl ClientVerifier {
             sources,
             stamps: Mutex::new(stamps),
             next_update: Mutex::new((next_update, false)),
+            open: Mutex::new((Vec::new(), PRUNE_AT)),
         })
+    }
+
+    /// Keeps an open connection's verified client certificate `chain` (end entity first) for
+    /// the checks of [`ClientVerifier::recheck_open`], for as long as the returned handle lives.
+    pub fn track(&self, chain: &[CertificateDer<'static>], identity: Option<String>) -> Arc<Live> {
+        let live = Arc::new(Live {
+            chain: chain.to_vec(),
+            identity,
+            closed: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        });
+        let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (open, prune_at) = &mut *guard;
+        push_pruned(open, prune_at, Arc::downgrade(&live));
+        live
+    }
+
+    /// Checks a client certificate `chain` (end entity first) with the CRLs in force at `now`,
+    /// as a handshake does. A resumed TLS session skips the handshake's check: the accept loop
+    /// makes it with this.
+    pub fn check(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<(), rustls::Error> {
+        let (end_entity, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let at = UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        self.current()
+            .verify_client_cert(end_entity, intermediates, at)
+            .map(|_| ())
+    }
+
+    /// Checks every open connection's client certificate again with the CRLs in force at
+    /// `now`, and closes the connections whose certificate fails. Returns how many it closed.
+    pub fn recheck_open(&self, now: SystemTime) -> usize {
+        let live: Vec<Arc<Live>> = {
+            let mut guard = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            guard.0.retain(|w| w.strong_count() > 0);
+            guard.0.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut closed = 0;
+        for conn in live.iter().filter(|c| !c.is_closed()) {
+            if let Err(e) = self.check(&conn.chain, now) {
+                metrics::counter!("dccsign_tls_connections_closed_total").increment(1);
+                tracing::warn!(
+                    client = conn.identity.as_deref().unwrap_or("-"),
+                    error = %e,
+                    "closing a connection: its client certificate no longer passes"
+                );
+                conn.close();
+                closed += 1;
+            }
+        }
+        closed
     }
 
     /// Whether CRLs are configured at all.
@@ -300,12 +419,10 @@ impl Sources {
     }
 }
 
-/// Checks the CRL files every `every` on the blocking pool, for as long as `verifier` is used
-/// elsewhere; logs and counts what fails.
+/// Every `every`, for as long as `verifier` is used elsewhere: reads the CRL files again if
+/// they changed (logging and counting what fails), then checks the open connections' client
+/// certificates again ([`ClientVerifier::recheck_open`]). On the blocking pool.
 pub fn watch(verifier: Arc<ClientVerifier>, every: Duration) {
-    if !verifier.checks_revocation() {
-        return;
-    }
     let weak = Arc::downgrade(&verifier);
     drop(verifier);
     tokio::spawn(async move {
@@ -316,7 +433,16 @@ pub fn watch(verifier: Arc<ClientVerifier>, every: Duration) {
             tick.tick().await;
             let Some(v) = weak.upgrade() else { return };
             let checked = v.clone();
-            let result = tokio::task::spawn_blocking(move || checked.reload_if_changed()).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let reloaded = if checked.checks_revocation() {
+                    checked.reload_if_changed()
+                } else {
+                    Ok(false)
+                };
+                checked.recheck_open(SystemTime::now());
+                reloaded
+            })
+            .await;
             if let Some(next) = v.expiring(SystemTime::now()) {
                 tracing::warn!(next_update = %rfc3339(next),
                     "a client CRL reaches its nextUpdate within 24 h: install a fresh one, or every client of its CA is refused from then on");
@@ -369,5 +495,27 @@ impl ClientCertVerifier for ClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.current().supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries of dropped values go when the list doubles; live ones stay.
+    #[test]
+    fn closed_connections_do_not_pile_up() {
+        let (mut list, mut prune_at) = (Vec::new(), PRUNE_AT);
+        let kept: Vec<Arc<usize>> = (0..100).map(Arc::new).collect();
+        for k in &kept {
+            push_pruned(&mut list, &mut prune_at, Arc::downgrade(k));
+        }
+        for i in 0..10_000 {
+            let gone = Arc::new(i);
+            push_pruned(&mut list, &mut prune_at, Arc::downgrade(&gone));
+            assert!(list.len() <= 2 * kept.len() + 1, "{} entries", list.len());
+        }
+        let live: Vec<usize> = list.iter().filter_map(Weak::upgrade).map(|a| *a).collect();
+        assert_eq!(live, (0..100).collect::<Vec<_>>());
     }
 }

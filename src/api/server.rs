@@ -43,13 +43,14 @@ pub enum ServeError {
     Server(String),
 }
 
-/// The server's TLS configuration, with its key in the token or in a PEM file; the client
-/// CRLs, if any, are watched for changes from here on.
+/// The server's TLS configuration, with its key in the token or in a PEM file, and its
+/// client-certificate verifier. From here on the client CRLs, if any, are watched for
+/// changes, and open connections' certificates are checked again.
 fn server_tls(
     cfg: &Config,
     server: &crate::config::ServerConfig,
     token: &Arc<Token>,
-) -> Result<rustls::ServerConfig, ServeError> {
+) -> Result<(rustls::ServerConfig, Arc<client_crl::ClientVerifier>), ServeError> {
     let cert = cfg.resolve(&server.certificate);
     let client_ca = cfg.resolve(&server.client_ca);
     let crls = server.client_crls.iter().map(|p| cfg.resolve(p)).collect();
@@ -68,10 +69,10 @@ fn server_tls(
     };
     let config = tls::server_config(&cert, key, verifier.clone())?;
     client_crl::watch(
-        verifier,
+        verifier.clone(),
         Duration::from_secs(server.client_crl_check_seconds),
     );
-    Ok(config)
+    Ok((config, verifier))
 }
 
 /// Registers for SIGTERM and SIGINT at once — so that a signal sent as soon as the daemon has
@@ -137,7 +138,7 @@ pub async fn serve(
     let hsm_workers = cfg.pool_size();
     let pool = token.signing_pool(hsm_workers, cfg.hsm.queue)?;
     let token = Arc::new(token);
-    let tls_config = server_tls(&cfg, &server_cfg, &token)?;
+    let (tls_config, client_verifier) = server_tls(&cfg, &server_cfg, &token)?;
     let uvci_key = cfg.uvci_key(&token)?;
     let issuer = Arc::new(Issuer::new(
         IssuerSettings::from_config(&cfg),
@@ -282,6 +283,7 @@ pub async fn serve(
     let incoming = tls::incoming(
         listener,
         tls_config,
+        client_verifier,
         tls::ConnectionLimits {
             connections: server_cfg.max_connections,
             handshakes: server_cfg.max_handshakes,

@@ -23,6 +23,7 @@ use tonic::transport::server::Connected;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 
+use super::client_crl::{ClientVerifier, Live};
 use super::cork::Cork;
 use crate::hsm::TlsPrivateKey;
 
@@ -141,11 +142,21 @@ pub fn server_config(
 }
 
 /// A TLS connection with its verified peer; its writes are corked (see [`Cork`]). It holds
-/// its place among the open connections until it is dropped.
+/// its place among the open connections until it is dropped. Once its client certificate
+/// fails a later check ([`Live`]), its reads and writes fail, which ends the connection.
 pub struct MtlsStream {
     inner: Cork<TlsStream<TcpStream>>,
     peer: Peer,
+    live: Arc<Live>,
     _open: OpenConnection,
+}
+
+/// The error of every read and write of a connection closed by a later certificate check.
+fn no_longer_valid() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "the client certificate no longer passes (revoked or expired): connection closed",
+    )
 }
 
 /// A place among the daemon's open connections, given back (and counted) when dropped.
@@ -202,6 +213,9 @@ impl AsyncRead for MtlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.live.closed_or_register(cx.waker()) {
+            return Poll::Ready(Err(no_longer_valid()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -212,9 +226,15 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.live.is_closed() {
+            return Poll::Ready(Err(no_longer_valid()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.live.is_closed() {
+            return Poll::Ready(Err(no_longer_valid()));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -225,6 +245,9 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.live.is_closed() {
+            return Poll::Ready(Err(no_longer_valid()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -236,10 +259,13 @@ impl AsyncWrite for MtlsStream {
 /// `limits.handshake_timeout`); verified connections come out of the returned stream. Failed
 /// handshakes are logged and counted, never passed on. At `limits.connections` open
 /// connections or `limits.handshakes` handshakes under way, no connection is accepted until
-/// one ends: the rest wait in the kernel's backlog, costing the daemon nothing.
+/// one ends: the rest wait in the kernel's backlog, costing the daemon nothing. Each
+/// connection's client certificate stays with `verifier`, which checks it again while the
+/// connection is open (see [`ClientVerifier::recheck_open`]).
 pub fn incoming(
     listener: TcpListener,
     config: rustls::ServerConfig,
+    verifier: Arc<ClientVerifier>,
     limits: ConnectionLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<MtlsStream, std::io::Error>> {
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -267,21 +293,32 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let open = open.clone();
+            let verifier = verifier.clone();
             tokio::spawn(async move {
                 let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
                 drop(handshake);
                 match accepted {
                     Ok(Ok(tls)) => {
-                        let identity = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|c| identity_of(c.as_ref()));
+                        let conn = tls.get_ref().1;
+                        let chain = conn.peer_certificates().unwrap_or_default();
+                        // A resumed session brings the certificate of the session it resumes,
+                        // unchecked: check it now, against the CRLs in force.
+                        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                            if let Err(e) = verifier.check(chain, std::time::SystemTime::now()) {
+                                metrics::counter!("dccsign_tls_handshake_failures_total")
+                                    .increment(1);
+                                tracing::info!(peer = %addr, error = %e,
+                                    "TLS session resumption refused");
+                                return;
+                            }
+                        }
+                        let identity = chain.first().and_then(|c| identity_of(c.as_ref()));
+                        let live = verifier.track(chain, identity.clone());
                         open.increment(1.0);
                         let stream = MtlsStream {
                             inner: Cork::new(tls),
                             peer: Peer { addr, identity },
+                            live,
                             _open: OpenConnection {
                                 _permit: connection,
                                 gauge: open,
