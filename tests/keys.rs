@@ -351,6 +351,111 @@ fn the_audit_log_detects_tampering_and_a_failing_write_blocks_the_operation() {
     assert!(audit_verify(&d).status.success());
 }
 
+/// `audit verify --with-token`.
+fn verify_token(d: &Daemon) -> Output {
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    d.dev
+        .run(&["audit", "verify", "--state-dir", &dir, "--with-token"])
+}
+
+/// The token keeps the newest audit checkpoint (the anchor). Deleting the newest checkpoints
+/// with the entries after the newest remaining one leaves a log that verifies on its own; the
+/// anchor finds it: `audit verify --with-token` names the missing checkpoint and the daemon
+/// refuses to start. `audit reanchor` accepts the log as it is, on the record.
+#[test]
+fn deleted_audit_checkpoints_are_found_through_the_token() {
+    let mut d = Daemon::start();
+    let dir = d.dev.path().to_str().unwrap().to_string();
+    // Checkpoint 1 at the first start, entries for a generated key, checkpoint 2 at the next.
+    generated(&d, "k-anchor", "recovery");
+    d.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let v = verify_token(&d);
+        if stdout(&v).contains("token anchor: checkpoint 2 over") {
+            assert!(v.status.success(), "{}", stdout(&v));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}{}{}",
+            stdout(&v),
+            stderr(&v),
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(d.terminate().success(), "{}", d.log());
+    // The anchor is a private data object in the token, which another PKCS#11 client sees.
+    assert!(
+        d.dev
+            .pkcs11_objects("data")
+            .contains(dccsign::keys::AUDIT_ANCHOR_LABEL),
+        "{}",
+        d.dev.pkcs11_objects("data")
+    );
+
+    let conn = rusqlite::Connection::open(d.dev.file("control.sqlite")).unwrap();
+    let kept: i64 = conn
+        .query_row(
+            "SELECT count FROM audit_checkpoints WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute("DELETE FROM audit_checkpoints WHERE id >= 2", [])
+        .unwrap();
+    conn.execute("DELETE FROM audit WHERE seq > ?1", [kept])
+        .unwrap();
+    // On its own the log is consistent: this is what the anchor adds.
+    assert!(
+        audit_verify(&d).status.success(),
+        "{}",
+        stdout(&audit_verify(&d))
+    );
+    let v = verify_token(&d);
+    assert_eq!(v.status.code(), Some(3), "{}{}", stdout(&v), stderr(&v));
+    assert!(
+        stdout(&v).contains("checkpoint 2: missing"),
+        "{}",
+        stdout(&v)
+    );
+    let err = d.dev.refused_start();
+    assert!(err.contains("does not match the token's anchor"), "{err}");
+    assert!(err.contains("checkpoint 2: missing"), "{err}");
+
+    let o = d.dev.run(&[
+        "audit",
+        "reanchor",
+        "--state-dir",
+        &dir,
+        "--reason",
+        "control.sqlite restored from a backup",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("audit.reanchor recorded"),
+        "{}",
+        stdout(&o)
+    );
+    let v = verify_token(&d);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    let (op, params): (String, String) = conn
+        .query_row(
+            "SELECT operation, parameters FROM audit ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(op, "audit.reanchor");
+    assert!(
+        params.contains("checkpoint 2: missing") && params.contains("backup"),
+        "{params}"
+    );
+    d.restart();
+    assert!(d.log().contains("serving"), "{}", d.log());
+}
+
 /// generate + approve + csr + certificate by the development CSCA + import: "certified".
 fn certified(d: &Daemon, label: &str, types: &str) -> std::path::PathBuf {
     generated(d, label, types);

@@ -188,6 +188,7 @@ pub fn from_key_op(e: &crate::keys::KeyOpError) -> Status {
         K::Certificate { .. } => (Code::InvalidArgument, "certificate", "certificate-check"),
         K::LabelExists(_) => (Code::AlreadyExists, "label", "label-exists"),
         K::Hsm(_) | K::Audit(_) | K::Database(_) => (Code::Unavailable, "", ""),
+        K::AuditAnchor(_) => (Code::FailedPrecondition, "", "audit-anchor"),
     };
     coded(code, e.code(), field, rule, &e.to_string())
 }

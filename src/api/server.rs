@@ -38,6 +38,9 @@ pub enum ServeError {
     /// TLS material is missing or invalid.
     #[error("{0}")]
     Tls(#[from] tls::TlsSetupError),
+    /// The audit log does not match the audit anchor in the token.
+    #[error("{0}")]
+    Audit(String),
     /// A listener could not be bound, or the server failed.
     #[error("server: {0}")]
     Server(String),
@@ -203,6 +206,11 @@ pub async fn serve(
         }
         None => manager,
     };
+    // The audit log must still hold the newest checkpoint the token keeps: refuse to start on
+    // a database whose newest checkpoints were deleted, or an older copy of it.
+    manager
+        .check_audit_anchor()
+        .map_err(|e| ServeError::Audit(e.to_string()))?;
     let manager = Arc::new(manager);
     // Signed audit checkpoints: one at start, then periodically.
     {
@@ -216,7 +224,10 @@ pub async fn serve(
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 match tokio::task::spawn_blocking(move || m.checkpoint(now)).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+                    Ok(Err(e)) => {
+                        metrics::counter!("dccsign_audit_checkpoint_failures_total").increment(1);
+                        tracing::error!(error = %e, code = e.code(), "audit checkpoint failed")
+                    }
                     Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
                 }
             }

@@ -9,6 +9,11 @@
 //! leaves the HSM ([`CheckpointSigner`]). [`verify`] finds a modified, removed or reordered entry
 //! (the chain breaks there) and a truncation before the last checkpoint (the count or head no
 //! longer matches a signed checkpoint), and names the first bad entry.
+//!
+//! The newest checkpoint is also kept in the token, as an [`Anchor`]: the database alone cannot
+//! show that its newest checkpoints were deleted (with the entries after the newest one left,
+//! which could then be rewritten). [`check_anchor`] finds the anchored checkpoint gone or
+//! changed.
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde_json::Value;
@@ -187,14 +192,96 @@ fn checkpoint_message(count: i64, head: &[u8; 32], time: i64, extra: &str) -> Ve
     m
 }
 
+/// A checkpoint as the token keeps it: which one, and what it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// The checkpoint's row id.
+    pub id: i64,
+    /// The entries it covers.
+    pub count: i64,
+    /// The hash of entry `count` (zeros for an empty log).
+    pub head: [u8; 32],
+}
+
+/// The first bytes of an [`Anchor`]'s encoding.
+const ANCHOR_MAGIC: &[u8] = b"dccsign-audit-anchor-v1";
+
+impl Anchor {
+    /// The bytes stored in the token.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = ANCHOR_MAGIC.to_vec();
+        b.extend_from_slice(&self.id.to_be_bytes());
+        b.extend_from_slice(&self.count.to_be_bytes());
+        b.extend_from_slice(&self.head);
+        b
+    }
+
+    /// Reads [`Anchor::to_bytes`]'s encoding.
+    pub fn from_bytes(b: &[u8]) -> Option<Anchor> {
+        let rest = b.strip_prefix(ANCHOR_MAGIC)?;
+        if rest.len() != 48 {
+            return None;
+        }
+        Some(Anchor {
+            id: i64::from_be_bytes(rest[..8].try_into().ok()?),
+            count: i64::from_be_bytes(rest[8..16].try_into().ok()?),
+            head: rest[16..].try_into().ok()?,
+        })
+    }
+}
+
+/// Whether the database still holds the anchored checkpoint as it was signed, and the entry it
+/// ends at: `None` if so, else the problem. A cheap check (two rows), made before every
+/// checkpoint and at start; [`verify`] checks everything else.
+pub fn check_anchor(conn: &Connection, anchor: &Anchor) -> Result<Option<String>, AuditError> {
+    let id = anchor.id;
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT count, head_hash FROM audit_checkpoints WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let newest: Option<i64> =
+        conn.query_row("SELECT max(id) FROM audit_checkpoints", [], |r| r.get(0))?;
+    let Some((count, head)) = row else {
+        return Ok(Some(format!(
+            "checkpoint {id}: missing — the token's anchor names it, the newest in the database is {} (checkpoints deleted, or the database replaced by an older copy)",
+            newest.map_or("none".to_string(), |n| n.to_string())
+        )));
+    };
+    if count != anchor.count || head != anchor.head {
+        return Ok(Some(format!(
+            "checkpoint {id}: differs from the token's anchor (it covered {} entries, the database says {count})",
+            anchor.count
+        )));
+    }
+    if anchor.count > 0 {
+        let entry: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT hash FROM audit WHERE seq = ?1",
+                [anchor.count],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if entry.as_deref() != Some(&anchor.head[..]) {
+            return Ok(Some(format!(
+                "entry {}: missing or changed — checkpoint {id} in the token's anchor ends there",
+                anchor.count
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Writes a signed checkpoint of the current head; `extra` is JSON recorded with it (e.g. the
-/// certificates signed per DSC since the previous checkpoint).
+/// certificates signed per DSC since the previous checkpoint). Returns its [`Anchor`].
 pub fn checkpoint(
     conn: &Connection,
     signer: &dyn CheckpointSigner,
     extra: &Value,
     now: i64,
-) -> Result<i64, AuditError> {
+) -> Result<Anchor, AuditError> {
     let (count, head): (i64, Option<Vec<u8>>) = conn.query_row(
         "SELECT count(*), (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1) FROM audit",
         [],
@@ -210,7 +297,11 @@ pub fn checkpoint(
         "INSERT INTO audit_checkpoints (count, head_hash, time, signed, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![count, &head[..], now, extra, &sig[..]],
     )?;
-    Ok(count)
+    Ok(Anchor {
+        id: conn.last_insert_rowid(),
+        count,
+        head,
+    })
 }
 
 /// What [`verify`] found.
@@ -412,5 +503,53 @@ mod tests {
         checkpoint(&c, &s, &serde_json::json!({}), 2_000).unwrap();
         let other = SoftSigner(p256::ecdsa::SigningKey::from_slice(&[9u8; 32]).unwrap());
         assert!(verify(&c, Some(&key(&other))).unwrap().problem.is_some());
+    }
+
+    /// The token's anchor finds what the database alone cannot: its newest checkpoints
+    /// deleted (with the entries after the newest remaining one), or an older copy of it.
+    #[test]
+    fn the_anchor_finds_deleted_checkpoints() {
+        let (c, s) = log(3);
+        let first = checkpoint(&c, &s, &serde_json::json!({}), 2_000).unwrap();
+        assert_eq!(Anchor::from_bytes(&first.to_bytes()), Some(first));
+        assert_eq!(Anchor::from_bytes(b"something else"), None);
+        let tx = c.unchecked_transaction().unwrap();
+        let r = Record {
+            officer: "spiffe://x/officer-1",
+            operation: "keys.destroy",
+            parameters: serde_json::json!({"label": "k0"}),
+            approvals: &[],
+            result: "ok",
+        };
+        append(&tx, &r, 3_000).unwrap();
+        tx.commit().unwrap();
+        let second = checkpoint(&c, &s, &serde_json::json!({}), 3_001).unwrap();
+        assert_eq!((second.id, second.count), (2, 4));
+        assert_eq!(check_anchor(&c, &second).unwrap(), None);
+        // An older anchor is fine while its checkpoint is there.
+        assert_eq!(check_anchor(&c, &first).unwrap(), None);
+        // Delete the newest checkpoint and the entry after the one before: the chain and the
+        // remaining checkpoint still verify, the anchor does not.
+        c.execute_batch(
+            "DELETE FROM audit_checkpoints WHERE id = 2; DELETE FROM audit WHERE seq = 4",
+        )
+        .unwrap();
+        assert_eq!(verify(&c, Some(&key(&s))).unwrap().problem, None);
+        let p = check_anchor(&c, &second).unwrap().unwrap();
+        assert!(p.starts_with("checkpoint 2: missing"), "{p}");
+        // A checkpoint rewritten under the anchored id, or the entry it ends at changed.
+        let (c, s) = log(3);
+        let a = checkpoint(&c, &s, &serde_json::json!({}), 2_000).unwrap();
+        c.execute_batch("UPDATE audit_checkpoints SET count = 2")
+            .unwrap();
+        assert!(check_anchor(&c, &a).unwrap().unwrap().contains("differs"));
+        let (c, s) = log(3);
+        let a = checkpoint(&c, &s, &serde_json::json!({}), 2_000).unwrap();
+        c.execute_batch("UPDATE audit SET hash = zeroblob(32) WHERE seq = 3")
+            .unwrap();
+        assert!(check_anchor(&c, &a)
+            .unwrap()
+            .unwrap()
+            .starts_with("entry 3:"));
     }
 }

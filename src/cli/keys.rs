@@ -320,12 +320,75 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         config: ConfigArgs,
+        /// Also check the audit anchor in the token (the newest checkpoint, which the database
+        /// alone cannot show deleted); logs in to the token with the configured PIN.
+        #[arg(long)]
+        with_token: bool,
     },
+    /// Accept the audit log as it is although it does not match the token's anchor (after
+    /// restoring the control database from a backup, say): records `audit.reanchor` with the
+    /// old anchor and the reason, then a checkpoint that becomes the anchor. The daemon
+    /// refuses to start until the two match.
+    Reanchor {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Why (recorded in the audit log), e.g. "control.sqlite restored from the 02:00 backup".
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+/// The control database's key manager with the audit key, on the configured token.
+fn audit_manager(cfg: &dccsign::config::Config) -> Result<dccsign::keys::KeyManager, String> {
+    let token = std::sync::Arc::new(
+        dccsign::hsm::Token::open(&cfg.token_settings()).map_err(|e| e.to_string())?,
+    );
+    let Some(k) = &cfg.keys.audit_key else {
+        return Err("no keys.audit_key configured: there are no checkpoints to anchor".into());
+    };
+    let (label, _) = dccsign::hsm::KeyUri::resolve(k, token.label()).map_err(|e| e.to_string())?;
+    let key = token.find_key(&label).map_err(|e| e.to_string())?;
+    let settings = dccsign::keys::KeySettings::from_config(cfg).map_err(|e| e.to_string())?;
+    dccsign::keys::KeyManager::open(&cfg.resolve(&cfg.keys.database), token, settings)
+        .map(|m| m.with_audit_key(key))
+        .map_err(|e| format!("audit log: {e}"))
+}
+
+/// Runs `audit reanchor`.
+fn reanchor(config: ConfigArgs, reason: &str) -> ExitCode {
+    let run = || -> Result<dccsign::audit::Anchor, String> {
+        let cfg = config.load()?;
+        let manager = audit_manager(&cfg)?;
+        let who = format!(
+            "local:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        );
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        manager
+            .reanchor(&who, reason, now)
+            .map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(a) => {
+            println!(
+                "audit anchor: checkpoint {} over {} entries (audit.reanchor recorded)",
+                a.id, a.count
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs `audit`.
 pub fn audit(args: AuditArgs) -> ExitCode {
-    let AuditCommand::Verify { config } = args.command;
+    let (config, with_token) = match args.command {
+        AuditCommand::Verify { config, with_token } => (config, with_token),
+        AuditCommand::Reanchor { config, reason } => return reanchor(config, &reason),
+    };
     let cfg = match config.load() {
         Ok(c) => c,
         Err(e) => {
@@ -362,9 +425,47 @@ pub fn audit(args: AuditArgs) -> ExitCode {
             }
         }
     };
-    match dccsign::audit::verify(&conn, key.as_ref()) {
+    // The token's anchor: the newest checkpoint, which must still be in the database.
+    let anchor = if with_token {
+        match audit_manager(&cfg).and_then(|m| m.audit_anchor().map_err(|e| e.to_string())) {
+            Ok(None) => {
+                println!(
+                    "token: no audit anchor yet (the daemon writes it with its next checkpoint)"
+                );
+                None
+            }
+            Ok(Some(a)) => Some(a),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let anchored = match anchor.map(|a| dccsign::audit::check_anchor(&conn, &a)) {
+        None => Ok(None),
+        Some(Ok(problem)) => Ok(problem),
+        Some(Err(e)) => Err(e),
+    };
+    let verified = anchored.and_then(|problem| {
+        dccsign::audit::verify(&conn, key.as_ref()).map(|mut v| {
+            // The chain's own problem comes first: it names an entry.
+            if v.problem.is_none() {
+                v.problem = problem;
+            }
+            v
+        })
+    });
+    match verified {
         Ok(v) => match v.problem {
             None => {
+                if let Some(a) = anchor {
+                    println!(
+                        "token anchor: checkpoint {} over {} entries is in the log",
+                        a.id, a.count
+                    );
+                }
                 println!(
                     "audit log intact: {} entries, {} checkpoints verified",
                     v.entries, v.checkpoints

@@ -327,6 +327,58 @@ impl Token {
         Ok(found.into_iter().next())
     }
 
+    /// The values of the token's data objects (`CKO_DATA`) with this label: none, one, or
+    /// more after an interrupted [`Token::replace_data`].
+    pub fn data_values(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
+        let session = self.anchor();
+        let found = session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])?;
+        let mut values = Vec::with_capacity(found.len());
+        for h in found {
+            match session
+                .get_attributes(h, &[AttributeType::Value])?
+                .into_iter()
+                .next()
+            {
+                Some(Attribute::Value(v)) => values.push(v),
+                _ => {
+                    return Err(HsmError::Malformed(format!(
+                        "data object {label:?} has no value"
+                    )))
+                }
+            }
+        }
+        Ok(values)
+    }
+
+    /// Makes `value` the value of the token's data object with this label (private: read only
+    /// after login). Tokens may keep a data object's value read-only (SoftHSM does), so a new
+    /// object is created first and the old ones destroyed after: an interruption in between
+    /// leaves both, never none.
+    pub fn replace_data(&self, label: &str, value: &[u8]) -> Result<(), HsmError> {
+        let session = self.anchor();
+        let old = session.find_objects(&[
+            Attribute::Token(true),
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])?;
+        session.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Application(b"dccsign".to_vec()),
+            Attribute::Value(value.to_vec()),
+        ])?;
+        for h in old {
+            session.destroy_object(h)?;
+        }
+        Ok(())
+    }
+
     /// The private key with this label, and its public key.
     pub fn find_key(&self, label: &str) -> Result<KeyHandle, HsmError> {
         let session = self.anchor();

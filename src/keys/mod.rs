@@ -15,6 +15,7 @@ mod tls;
 
 pub use ceremony::{
     Csca, KeyManager, KeyOpError, KeySettings, ManagedKey, Operation, OperationExecutor,
+    AUDIT_ANCHOR_LABEL,
 };
 pub use certificate::{build_csca, build_dsc, build_leaf, random_serial, CertProfile};
 pub use crl::{crl_from_pem, crl_lists, crl_to_pem, issue_crl};

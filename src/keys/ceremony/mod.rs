@@ -12,6 +12,7 @@ mod settings;
 mod trust;
 
 pub use settings::{Csca, KeySettings};
+pub use trust::AUDIT_ANCHOR_LABEL;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -83,6 +84,11 @@ pub enum KeyOpError {
     /// The control database failed (`2-60-5004`).
     #[error("control database: {0}")]
     Database(String),
+    /// The audit log no longer holds the newest checkpoint the token's anchor names: its
+    /// newest checkpoints were deleted, or the database replaced by an older copy
+    /// (`2-60-7091`). No checkpoint is written over it.
+    #[error("the audit log does not match the token's anchor: {0}; check it with `dccsign audit verify --with-token`, and see docs/operations.md (the audit anchor)")]
+    AuditAnchor(String),
 }
 
 impl KeyOpError {
@@ -100,6 +106,7 @@ impl KeyOpError {
             KeyOpError::Hsm(_) => "2-60-5003",
             KeyOpError::Audit(_) => "2-60-7090",
             KeyOpError::Database(_) => "2-60-5004",
+            KeyOpError::AuditAnchor(_) => "2-60-7091",
         }
     }
 }

@@ -13,6 +13,9 @@ use crate::hsm::{KeyHandle, Token};
 use crate::keys::{ActiveDsc, Dsc, KeyState, SignerSwitch};
 use crate::ledger::Ledger;
 
+/// The token's data object that keeps the newest audit checkpoint ([`audit::Anchor`]).
+pub const AUDIT_ANCHOR_LABEL: &str = "dccsign-audit-anchor";
+
 /// Signs checkpoints with the audit key inside the token.
 struct HsmCheckpointSigner<'a> {
     token: &'a Token,
@@ -36,10 +39,91 @@ impl KeyManager {
     }
 
     /// Writes a signed checkpoint: entry count and head hash, with the certificates recorded
-    /// per DSC since the previous checkpoint. `Ok(None)` when no audit key is configured.
+    /// per DSC since the previous checkpoint, and keeps it in the token as the audit anchor.
+    /// Refused while the database does not match the anchor in force
+    /// ([`KeyManager::check_audit_anchor`]): a new anchor would hide the loss. `Ok(None)` when
+    /// no audit key is configured.
     pub fn checkpoint(&self, now: i64) -> Result<Option<i64>, KeyOpError> {
-        let Some(key) = &self.audit_key else {
+        if self.audit_key.is_none() {
             return Ok(None);
+        }
+        self.check_audit_anchor()?;
+        self.write_checkpoint(now).map(|a| Some(a.count))
+    }
+
+    /// The audit anchor in the token, if one was written (the newest, should an interrupted
+    /// replacement have left two).
+    pub fn audit_anchor(&self) -> Result<Option<audit::Anchor>, KeyOpError> {
+        let mut newest: Option<audit::Anchor> = None;
+        for b in self.token.data_values(AUDIT_ANCHOR_LABEL)? {
+            let a = audit::Anchor::from_bytes(&b).ok_or_else(|| {
+                KeyOpError::AuditAnchor(format!(
+                    "the token's data object {AUDIT_ANCHOR_LABEL:?} is not an audit anchor"
+                ))
+            })?;
+            if newest.is_none_or(|n| a.id > n.id) {
+                newest = Some(a);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Checks that the control database still holds, unchanged, the newest checkpoint the
+    /// token's audit anchor names (see [`audit::check_anchor`]). Nothing to check without an
+    /// audit key, or before the first checkpoint kept in the token.
+    pub fn check_audit_anchor(&self) -> Result<(), KeyOpError> {
+        if self.audit_key.is_none() {
+            return Ok(());
+        }
+        let Some(anchor) = self.audit_anchor()? else {
+            return Ok(());
+        };
+        match audit::check_anchor(&self.db(), &anchor) {
+            Ok(None) => Ok(()),
+            Ok(Some(problem)) => Err(KeyOpError::AuditAnchor(problem)),
+            Err(e) => Err(KeyOpError::Database(e.to_string())),
+        }
+    }
+
+    /// Accepts the control database as it is although it does not match the token's anchor
+    /// (after a restore from a backup, say): records `audit.reanchor` with the old anchor, the
+    /// problem found and `reason`, then writes a checkpoint that becomes the anchor.
+    pub fn reanchor(
+        &self,
+        operator: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<audit::Anchor, KeyOpError> {
+        if self.audit_key.is_none() {
+            return Err(KeyOpError::Invalid {
+                field: "keys.audit_key",
+                message: "no audit key configured: there is no anchor".into(),
+            });
+        }
+        let old = self.audit_anchor()?;
+        let problem = match self.check_audit_anchor() {
+            Ok(()) => None,
+            Err(KeyOpError::AuditAnchor(p)) => Some(p),
+            Err(e) => return Err(e),
+        };
+        let params = json!({
+            "old_anchor": old.map(|a| json!({
+                "checkpoint": a.id, "entries": a.count, "head": hex::encode(a.head),
+            })),
+            "problem": problem,
+            "reason": reason,
+        });
+        self.record_external(operator, "audit.reanchor", params, "ok", now)?;
+        self.write_checkpoint(now)
+    }
+
+    /// Signs and stores a checkpoint, then keeps it in the token as the anchor.
+    fn write_checkpoint(&self, now: i64) -> Result<audit::Anchor, KeyOpError> {
+        let Some(key) = &self.audit_key else {
+            return Err(KeyOpError::Invalid {
+                field: "keys.audit_key",
+                message: "no audit key configured".into(),
+            });
         };
         let db = self.db();
         let last: Option<String> = db
@@ -68,9 +152,14 @@ impl KeyManager {
             token: &self.token,
             key,
         };
-        audit::checkpoint(&db, &signer, &extra, now)
-            .map(Some)
-            .map_err(|e| KeyOpError::Audit(e.to_string()))
+        let anchor = audit::checkpoint(&db, &signer, &extra, now)
+            .map_err(|e| KeyOpError::Audit(e.to_string()))?;
+        drop(db);
+        // After the checkpoint is durable: a crash in between leaves the previous anchor,
+        // whose checkpoint is still there.
+        self.token
+            .replace_data(AUDIT_ANCHOR_LABEL, &anchor.to_bytes())?;
+        Ok(anchor)
     }
 
     /// Destroy and the trust list ask `ledger` when a DSC's last certificate expires.
