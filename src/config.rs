@@ -458,6 +458,11 @@ pub struct ServerConfig {
     /// signing queue); more wait in the kernel's backlog.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
+    /// Most open connections of one client identity (default 256). A connection beyond it is
+    /// closed right after its handshake (when its identity is known), so that one client
+    /// cannot take all of `max_connections`.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
     /// Time in-flight requests get to finish after SIGTERM/SIGINT.
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
@@ -564,6 +569,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_handshakes() -> usize {
     64
+}
+
+fn default_max_connections_per_client() -> usize {
+    256
 }
 
 fn default_crl_check() -> u64 {

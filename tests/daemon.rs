@@ -658,6 +658,56 @@ fn connections_beyond_the_limit_wait_until_one_closes() {
     assert!(d.log().contains("at the limit"), "{}", d.log());
 }
 
+/// One client identity cannot take every connection: beyond `max_connections_per_client`
+/// its new connections are closed after the handshake, while other clients still connect, and
+/// a place frees when one of its connections closes.
+#[test]
+fn one_client_cannot_take_every_connection() {
+    let d = Daemon::start_with(Dev::new(), |cfg| {
+        *cfg = cfg.replace("[server]\n", "[server]\nmax_connections_per_client = 2\n");
+    });
+    let rt = rt();
+    let served = |ch: Result<tonic::transport::Channel, String>| async move {
+        match ch {
+            Ok(ch) => dccsign::api::client::issuance(ch)
+                .get_signing_info(pb::GetSigningInfoRequest {})
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    };
+    rt.block_on(async {
+        let a = d.channel("issuer-test").await.unwrap();
+        let b = d.channel("issuer-test").await.unwrap();
+        for ch in [&a, &b] {
+            assert!(served(Ok(ch.clone())).await, "{}", d.log());
+        }
+        assert!(
+            !served(d.channel("issuer-test").await).await,
+            "a third connection of one client was served"
+        );
+        assert!(served(d.channel("issuer-all").await).await, "{}", d.log());
+        drop(a);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !served(d.channel("issuer-test").await).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no place freed:\n{}",
+                d.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        drop(b);
+    });
+    let log = d.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("max_connections_per_client")
+                && l.contains("dccsign.dev/issuer-test")),
+        "{log}"
+    );
+}
+
 /// Key-lifecycle calls count against the caller's limits like issuance and revocation calls,
 /// and one the client abandons keeps its place until its work ends.
 #[test]

@@ -298,6 +298,7 @@ pub async fn serve(
         tls::ConnectionLimits {
             connections: server_cfg.max_connections,
             handshakes: server_cfg.max_handshakes,
+            per_client: server_cfg.max_connections_per_client,
             handshake_timeout: Duration::from_secs(10),
         },
     );

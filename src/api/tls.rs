@@ -162,12 +162,50 @@ fn no_longer_valid() -> std::io::Error {
 /// A place among the daemon's open connections, given back (and counted) when dropped.
 struct OpenConnection {
     _permit: OwnedSemaphorePermit,
+    _client: ClientPlace,
     gauge: metrics::Gauge,
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
+    }
+}
+
+/// Open connections per client identity (`""`: a certificate without one).
+type PerClient = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// A place among one client's open connections, given back when dropped.
+struct ClientPlace {
+    open: PerClient,
+    identity: String,
+}
+
+impl ClientPlace {
+    /// A place for `identity` if it has fewer than `limit` connections open.
+    fn take(open: &PerClient, identity: &str, limit: usize) -> Option<ClientPlace> {
+        let mut map = open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(identity.to_string()).or_insert(0);
+        if *n >= limit.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(ClientPlace {
+            open: open.clone(),
+            identity: identity.to_string(),
+        })
+    }
+}
+
+impl Drop for ClientPlace {
+    fn drop(&mut self) {
+        let mut map = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.identity);
+            }
+        }
     }
 }
 
@@ -178,6 +216,8 @@ pub struct ConnectionLimits {
     pub connections: usize,
     /// Handshakes under way.
     pub handshakes: usize,
+    /// Open connections of one client identity.
+    pub per_client: usize,
     /// Time a handshake may take.
     pub handshake_timeout: Duration,
 }
@@ -259,7 +299,8 @@ impl AsyncWrite for MtlsStream {
 /// `limits.handshake_timeout`); verified connections come out of the returned stream. Failed
 /// handshakes are logged and counted, never passed on. At `limits.connections` open
 /// connections or `limits.handshakes` handshakes under way, no connection is accepted until
-/// one ends: the rest wait in the kernel's backlog, costing the daemon nothing. Each
+/// one ends: the rest wait in the kernel's backlog, costing the daemon nothing. A client with
+/// `limits.per_client` connections open has a new one closed after its handshake. Each
 /// connection's client certificate stays with `verifier`, which checks it again while the
 /// connection is open (see [`ClientVerifier::recheck_open`]).
 pub fn incoming(
@@ -274,6 +315,7 @@ pub fn incoming(
     let handshakes = Arc::new(Semaphore::new(limits.handshakes.max(1)));
     let open = metrics::gauge!("dccsign_tls_connections");
     let handshake_timeout = limits.handshake_timeout;
+    let per_client: PerClient = Default::default();
     tokio::spawn(async move {
         loop {
             let connection = place(&connections, "connections").await;
@@ -294,6 +336,7 @@ pub fn incoming(
             let tx = tx.clone();
             let open = open.clone();
             let verifier = verifier.clone();
+            let per_client = per_client.clone();
             tokio::spawn(async move {
                 let accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
                 drop(handshake);
@@ -313,6 +356,18 @@ pub fn incoming(
                             }
                         }
                         let identity = chain.first().and_then(|c| identity_of(c.as_ref()));
+                        let who = identity.as_deref().unwrap_or("");
+                        let Some(client_place) =
+                            ClientPlace::take(&per_client, who, limits.per_client)
+                        else {
+                            metrics::counter!("dccsign_tls_connections_refused_total",
+                                "reason" => "per-client")
+                            .increment(1);
+                            tracing::warn!(peer = %addr, client = who,
+                                limit = limits.per_client,
+                                "connection closed: the client has max_connections_per_client open");
+                            return;
+                        };
                         let live = verifier.track(chain, identity.clone());
                         open.increment(1.0);
                         let stream = MtlsStream {
@@ -321,6 +376,7 @@ pub fn incoming(
                             live,
                             _open: OpenConnection {
                                 _permit: connection,
+                                _client: client_place,
                                 gauge: open,
                             },
                         };
