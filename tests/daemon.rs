@@ -1140,6 +1140,120 @@ fn a_tls_key_made_in_the_token_is_certified_by_another_ca_and_served() {
     assert_eq!(ops, ["tls.generate", "tls.csr"]);
 }
 
+/// A client certificate must say it is for client authentication: one from a trusted CA with
+/// the right identity but no extended key usage extension is refused at the handshake (webpki
+/// alone accepts it), and the same certificate with `clientAuth` is served.
+#[test]
+fn a_client_certificate_without_client_auth_is_refused() {
+    let dev = Dev::new();
+    let openssl = |args: &[&str]| common::openssl(dev.path(), args);
+    // Another CA the daemon trusts for clients (a software key: a stand-in).
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "org-ca.key",
+        "-out",
+        "org-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Org client CA",
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=issuer-test",
+    ]);
+    let san = "subjectAltName=URI:spiffe://dccsign.dev/issuer-test\n";
+    std::fs::write(dev.file("plain.ext"), san).unwrap();
+    std::fs::write(
+        dev.file("client-auth.ext"),
+        format!("{san}extendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    for (ext, out) in [
+        ("plain.ext", "plain.pem"),
+        ("client-auth.ext", "client-auth.pem"),
+    ] {
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "org-ca.pem",
+            "-CAkey",
+            "org-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+            "-out",
+            out,
+        ]);
+    }
+    let bundle = [
+        std::fs::read_to_string(dev.file("pki/tls/ca.pem")).unwrap(),
+        std::fs::read_to_string(dev.file("org-ca.pem")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dev.file("client-cas.pem"), bundle).unwrap();
+    // No CRLs here: the development CRL covers only the development CA (fail closed).
+    let d = Daemon::start_with(dev, |cfg| {
+        let crls = cfg
+            .lines()
+            .find(|l| l.starts_with("client_crls"))
+            .unwrap()
+            .to_string();
+        *cfg = cfg.replace(&crls, "").replace(
+            "client_ca = \"pki/tls/ca.pem\"",
+            "client_ca = \"client-cas.pem\"",
+        );
+    });
+    let served = |cert: &str| {
+        rt().block_on(async {
+            let ch = dccsign::api::client::connect(
+                &d.addr,
+                &d.dev.file(cert),
+                &d.dev.file("client.key"),
+                &d.dev.file("pki/tls/ca.pem"),
+                "localhost",
+            )
+            .await;
+            match ch {
+                Ok(ch) => dccsign::api::client::issuance(ch)
+                    .get_signing_info(pb::GetSigningInfoRequest {})
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+    };
+    assert!(served("client-auth.pem"), "{}", d.log());
+    assert!(
+        !served("plain.pem"),
+        "a certificate without clientAuth was served"
+    );
+    assert!(d.log().contains("InvalidPurpose"), "{}", d.log());
+}
+
 /// `dev-init` generates the server's TLS key in the token and writes no key file: the daemon
 /// signs its handshakes with the token, cannot start without that key, and refuses a key that
 /// does not belong to its certificate. A PEM key file still works where a configuration names

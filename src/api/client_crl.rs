@@ -20,6 +20,8 @@
 //!   force: alert well before it. The daemon also warns in its log, once per CRL loaded, when
 //!   that time is less than 24 h away.
 //! - Without CRLs, the verifier is webpki's, unchanged.
+//! - Either way the client's certificate must carry an extended key usage extension listing
+//!   `clientAuth`: webpki checks the purpose only when the extension is there.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,6 +136,20 @@ impl Live {
     }
 }
 
+/// Whether a client certificate says it is for TLS client authentication: an extended key
+/// usage extension that lists `clientAuth`. webpki requires `clientAuth` only when the
+/// extension is there; a certificate without one (made for anything) is refused here.
+fn for_client_auth(cert: &CertificateDer<'_>) -> bool {
+    use x509_cert::ext::pkix::ExtendedKeyUsage;
+    let Ok(cert) = x509_cert::Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    matches!(
+        cert.tbs_certificate.get::<ExtendedKeyUsage>(),
+        Ok(Some((_, eku))) if eku.0.contains(&const_oid::db::rfc5280::ID_KP_CLIENT_AUTH)
+    )
+}
+
 /// The fewest tracked connections at which [`ClientVerifier::track`] drops closed ones.
 const PRUNE_AT: usize = 64;
 
@@ -241,8 +257,7 @@ impl ClientVerifier {
             now.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default(),
         );
-        self.current()
-            .verify_client_cert(end_entity, intermediates, at)
+        self.verify_client_cert(end_entity, intermediates, at)
             .map(|_| ())
     }
 
@@ -471,8 +486,15 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .current()
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if !for_client_auth(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose,
+            ));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
