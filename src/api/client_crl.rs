@@ -155,8 +155,8 @@ const PRUNE_AT: usize = 64;
 
 /// Adds `item` to `list`, first dropping the entries whose value is gone when the list has
 /// reached `prune_at` entries (then twice the entries left, at least [`PRUNE_AT`]). A closed
-/// connection's entry keeps its chain allocated, so the list holds at most about as many
-/// closed connections as open ones, at a constant cost per connection.
+/// connection's entry keeps its `Live`'s allocation (not its chain), so the list holds at most
+/// about as many closed connections as open ones, at a constant cost per connection.
 fn push_pruned<T>(list: &mut Vec<Weak<T>>, prune_at: &mut usize, item: Weak<T>) {
     if list.len() >= *prune_at {
         list.retain(|w| w.strong_count() > 0);
