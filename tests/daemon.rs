@@ -1072,23 +1072,7 @@ fn a_tls_key_made_in_the_token_is_certified_by_another_ca_and_served() {
     );
     assert!(text.contains("TLS Web Server Authentication"), "{text}");
     // The organisation's CA (a software key: a stand-in) certifies the request.
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "org-ca.key",
-        "-out",
-        "org-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Org TLS CA",
-    ]);
+    common::openssl_ca(dev.path(), "org-ca", "Org TLS CA");
     openssl(&[
         "x509",
         "-req",
@@ -1148,23 +1132,7 @@ fn a_client_certificate_without_client_auth_is_refused() {
     let dev = Dev::new();
     let openssl = |args: &[&str]| common::openssl(dev.path(), args);
     // Another CA the daemon trusts for clients (a software key: a stand-in).
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "org-ca.key",
-        "-out",
-        "org-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Org client CA",
-    ]);
+    common::openssl_ca(dev.path(), "org-ca", "Org client CA");
     openssl(&[
         "req",
         "-new",

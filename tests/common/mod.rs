@@ -236,6 +236,36 @@ pub fn openssl(dir: &Path, args: &[&str]) -> String {
     stdout(&out)
 }
 
+/// A stand-in CA made by OpenSSL in `dir` (a software P-256 key, valid two days):
+/// `<name>.key` and `<name>.pem`, with the subject `/CN=<cn>`.
+pub fn openssl_ca(dir: &Path, name: &str, cn: &str) {
+    let (key, pem, subj) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("/CN={cn}"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+        ],
+    );
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
