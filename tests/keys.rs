@@ -728,12 +728,21 @@ fn activation_waits_for_propagation_and_signing_stops_after_the_usage_period() {
             .replace("usage_period_days = 183", "usage_period_days = 0")
             .replace("health_interval_seconds = 5", "health_interval_seconds = 1");
     });
+    // The configured DSCs too: their period runs from their certificates' notBefore.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let e = issue_test(&rt, &d, "configured").unwrap_err();
+    assert_eq!(common::error_detail(&e).code, "2-60-5010", "{e}");
+    assert!(
+        d.log()
+            .contains("configured DSC is past its private key usage period"),
+        "{}",
+        d.log()
+    );
     upload_key(&d, "upload-1");
     certified(&d, "dsc-b", "test");
     let done = activate(&d, "dsc-b");
     assert!(done.contains("executed"), "{done}");
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let e = issue_test(&rt, &d, "too-late").unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
     assert_eq!(common::error_detail(&e).code, "2-60-5010");

@@ -97,7 +97,9 @@ pub struct ActiveDsc {
     pub key: KeyHandle,
     /// The types it is configured to sign.
     pub types: Vec<CertType>,
-    /// End of its private key usage period (managed keys; configured DSCs have none).
+    /// End of its private key usage period: for a managed key its activation plus
+    /// `keys.usage_period_days`; for a configured DSC its certificate's `notBefore` plus the
+    /// same period. `None`: unbounded (tests and tools that build a signer directly).
     pub usage_end: Option<OffsetDateTime>,
 }
 
@@ -121,7 +123,9 @@ pub struct DscSet {
 impl DscSet {
     /// Loads every configured DSC and checks it: the certificate parses, its EKU allows every
     /// configured type, its key is on the token and equals the certified key, and it has not
-    /// expired. Any failure is an error naming the DSC.
+    /// expired. Any failure is an error naming the DSC. Its private key usage period ends
+    /// `keys.usage_period_days` after the certificate's `notBefore` (a warning at load when it
+    /// has; requests are refused from then on).
     pub fn load(cfg: &Config, token: &Token, now: OffsetDateTime) -> Result<DscSet, KeysError> {
         let mut by_type = BTreeMap::new();
         for d in &cfg.dscs {
@@ -153,11 +157,19 @@ impl DscSet {
                     "the key on the token does not match the certificate".into(),
                 ));
             }
+            // Private key usage period (6 months by default): from the certificate's
+            // notBefore, the key's first day in service as far as the configuration tells.
+            let usage_end =
+                dsc.not_before + time::Duration::days(cfg.keys.usage_period_days.into());
+            if usage_end <= now {
+                tracing::warn!(label = %label, kid = %dsc.kid_hex(), usage_end = %usage_end,
+                    "configured DSC is past its private key usage period: its types are refused (2-60-5010) until a successor signs them");
+            }
             let active = Arc::new(ActiveDsc {
                 dsc,
                 key,
                 types: d.types.clone(),
-                usage_end: None,
+                usage_end: Some(usage_end),
             });
             for t in &d.types {
                 by_type.insert(*t, active.clone());
