@@ -791,6 +791,13 @@ fn graceful_shutdown_keeps_every_acknowledged_certificate() {
     });
     let status = d.child.wait().unwrap();
     assert!(status.success(), "exit {status:?}\n{}", d.log());
+    // The daemon stopped its background tasks and closed the issuer in order: the HSM workers
+    // and the ledger writer were joined before the process exited.
+    assert!(
+        d.log().contains("shutdown: signing pool and ledger closed"),
+        "{}",
+        d.log()
+    );
     assert!(!acknowledged.is_empty());
     use dccsign::ledger::Ledger;
     let ledger = dccsign::ledger::SqliteLedger::open(&d.dev.file("ledger.sqlite")).unwrap();

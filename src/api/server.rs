@@ -160,12 +160,14 @@ pub async fn serve(
             .set_service_status(name, tonic_health::ServingStatus::NotServing)
             .await;
     }
-    tokio::spawn(health::run(
+    // The background tasks, stopped at shutdown so that the issuer can be closed in order.
+    let mut background = Vec::new();
+    background.push(tokio::spawn(health::run(
         issuer.clone(),
         token.clone(),
         reporter,
         Duration::from_secs(server_cfg.health_interval_seconds.max(1)),
-    ));
+    )));
 
     // Reflection in both versions: grpcurl speaks v1, many stock clients still v1alpha.
     let reflection_builder = || {
@@ -216,7 +218,7 @@ pub async fn serve(
     {
         let manager = manager.clone();
         let every = Duration::from_secs(cfg.keys.checkpoint_interval_seconds.max(1));
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
@@ -231,7 +233,7 @@ pub async fn serve(
                     Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
                 }
             }
-        });
+        }));
     }
     // Managed DSCs activated by officers take over their types from the configured ones.
     for dsc in manager
@@ -244,7 +246,7 @@ pub async fn serve(
     {
         let engine = revocation.clone();
         let every = Duration::from_secs(cfg.revocation.outbox_interval_seconds.max(1));
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             // First run one interval after start: a restart does not race an operator's
             // `revocation publish`; pending rows keep their due times across restarts.
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -255,7 +257,7 @@ pub async fn serve(
                     tracing::error!(error = %e, code = e.code(), "revocation run failed");
                 }
             }
-        });
+        }));
     }
     // One budget per client across its issuance and revocation calls.
     let limits = Arc::new(Limits::new(
@@ -340,10 +342,44 @@ pub async fn serve(
             tracing::warn!("shutdown: grace period over; requests still in flight are dropped");
         }
     }
-    // The issuer (pool, ledger connection) is dropped here: workers join, SQLite closes.
-    drop(issuer);
+    close(issuer, background).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Ends the daemon's work in order: stops the background tasks (health, checkpoints, the
+/// outbox), waits up to 5 s for the last other handle of the issuer to go (connections still
+/// finishing after the grace period hold some), then closes the issuer on a blocking thread,
+/// which joins the HSM workers and the ledger writer before the process exits, so that no
+/// worker closes a PKCS#11 session while the token library tears itself down.
+async fn close(issuer: Arc<Issuer>, background: Vec<tokio::task::JoinHandle<()>>) {
+    for task in &background {
+        task.abort();
+    }
+    for task in background {
+        let _ = task.await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&issuer) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match Arc::try_unwrap(issuer) {
+        Ok(issuer) => {
+            let closed =
+                tokio::task::spawn_blocking(move || issuer.close(Duration::from_secs(5))).await;
+            match closed {
+                Ok(()) => tracing::info!("shutdown: signing pool and ledger closed"),
+                Err(e) => tracing::error!(error = %e, "shutdown: closing the issuer failed"),
+            }
+        }
+        Err(issuer) => {
+            tracing::warn!(
+                holders = Arc::strong_count(&issuer) - 1,
+                "shutdown: the issuer is still in use; dropped without waiting for its threads"
+            );
+            drop(issuer);
+        }
+    }
 }
 
 /// Says at start-up which reservations a stopped process left behind (among the recent rows,
