@@ -318,24 +318,14 @@ impl Token {
         class: ObjectClass,
         label: &str,
     ) -> Result<Option<ObjectHandle>, HsmError> {
-        let session = self.anchor();
-        let found = session.find_objects(&[
-            Attribute::Token(true),
-            Attribute::Class(class),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])?;
-        Ok(found.into_iter().next())
+        Ok(labelled(&self.anchor(), class, label)?.into_iter().next())
     }
 
     /// The values of the token's data objects (`CKO_DATA`) with this label: none, one, or
     /// more after an interrupted [`Token::replace_data`].
     pub fn data_values(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
         let session = self.anchor();
-        let found = session.find_objects(&[
-            Attribute::Token(true),
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])?;
+        let found = labelled(&session, ObjectClass::DATA, label)?;
         let mut values = Vec::with_capacity(found.len());
         for h in found {
             match session
@@ -360,11 +350,7 @@ impl Token {
     /// leaves both, never none.
     pub fn replace_data(&self, label: &str, value: &[u8]) -> Result<(), HsmError> {
         let session = self.anchor();
-        let old = session.find_objects(&[
-            Attribute::Token(true),
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Label(label.as_bytes().to_vec()),
-        ])?;
+        let old = labelled(&session, ObjectClass::DATA, label)?;
         session.create_object(&[
             Attribute::Class(ObjectClass::DATA),
             Attribute::Token(true),
@@ -609,6 +595,19 @@ fn read_public_key(session: &Session, id: &[u8]) -> Result<p256::PublicKey, HsmE
         .map_err(|_| HsmError::Malformed("CKA_EC_POINT is not a P-256 point".into()))?;
     debug_assert_eq!(pk.to_encoded_point(false).len(), 65);
     Ok(pk)
+}
+
+/// The token objects (`CKA_TOKEN`, never session copies) of `class` labelled `label`.
+fn labelled(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Vec<ObjectHandle>, HsmError> {
+    Ok(session.find_objects(&[
+        Attribute::Token(true),
+        Attribute::Class(class),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?)
 }
 
 pub(crate) fn to_raw64(sig: Vec<u8>) -> Result<[u8; 64], HsmError> {
